@@ -1,0 +1,131 @@
+"""Null-expert configuration: the target real fraction rho and the number of null copies M.
+
+One object, validated once at build time against Megatron's ``TransformerConfig``. Every
+refusal is a ``ValueError`` naming the setting, its launch flag, the value and what is allowed.
+"""
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+RHO_FLAG = "--moe-null-expert-rho"
+NUM_NULL_FLAG = "--moe-num-null-experts"
+
+
+@dataclass(frozen=True)
+class NullExpertConfig:
+    """What the user states about null experts.
+
+    real_fraction: rho in the paper, the target fraction of the K slots that go to real
+        experts, in (0, 1]. rho = 1 means no null experts.
+    num_null_copies: M in the paper, the number of null copies in the routing pool. When
+        None it is derived as M = N (1 - rho) / rho, which must be a whole number.
+    """
+
+    real_fraction: float = 1.0
+    num_null_copies: Optional[int] = None
+
+    def __post_init__(self):
+        rho = self.real_fraction
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho <= 1.0:
+            raise ValueError(
+                f"real_fraction ({RHO_FLAG}) must be a number in (0, 1]; got {rho!r}. "
+                "It is the target fraction of the top-K slots routed to real experts."
+            )
+        m = self.num_null_copies
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(
+                f"num_null_copies ({NUM_NULL_FLAG}) must be a whole number >= 0 or unset; "
+                f"got {m!r}."
+            )
+
+    def null_copies_for(self, num_experts: int) -> int:
+        """M for N = num_experts real experts: explicit, or N (1 - rho) / rho exactly."""
+        if self.num_null_copies is not None:
+            return self.num_null_copies
+        # Fraction of the decimal rho the user typed (0.3 -> 3/10), not of its binary float.
+        rho = Fraction(str(self.real_fraction))
+        copies = num_experts * (1 - rho) / rho
+        if copies.denominator != 1:
+            lower, upper = int(copies), int(copies) + 1
+            raise ValueError(
+                f"{RHO_FLAG}={self.real_fraction} with {num_experts} experts gives "
+                f"M = N(1-rho)/rho = {float(copies):.4g} null copies, not a whole number. "
+                f"Choose rho = N/(N+M) for a whole M (e.g. M={lower}: rho="
+                f"{num_experts / (num_experts + lower):.4g}, M={upper}: rho="
+                f"{num_experts / (num_experts + upper):.4g}) or set {NUM_NULL_FLAG} explicitly."
+            )
+        return int(copies)
+
+    def pool_real_fraction(self, num_experts: int) -> float:
+        """N / (N + M): the real fraction the balance loss drives the router towards."""
+        return num_experts / (num_experts + self.null_copies_for(num_experts))
+
+
+def _refuse(setting: str, flag: str, value, allowed: str, why: str) -> None:
+    raise ValueError(
+        f"Null experts do not support {setting}={value!r} ({flag}); allowed: {allowed}. {why}"
+    )
+
+
+def validate_for_transformer_config(null_config: NullExpertConfig, config: TransformerConfig):
+    """Refuse every Megatron MoE option whose meaning the expanded pool would silently change."""
+    num_experts = config.num_moe_experts
+    if not num_experts:
+        raise ValueError(
+            f"Null experts need an MoE model: set num_moe_experts (--num-experts); got {num_experts}."
+        )
+    copies = null_config.null_copies_for(num_experts)
+    topk = config.moe_router_topk
+    if topk > num_experts + copies:
+        raise ValueError(
+            f"moe_router_topk (--moe-router-topk)={topk} exceeds the routing pool of "
+            f"N+M = {num_experts}+{copies} = {num_experts + copies} slots; allowed: 1..{num_experts + copies}."
+        )
+    if config.moe_router_score_function != "softmax":
+        _refuse("moe_router_score_function", "--moe-router-score-function",
+                config.moe_router_score_function, "'softmax'",
+                "Null slots compete inside one softmax over the N+M pool.")
+    if config.moe_router_pre_softmax:
+        _refuse("moe_router_pre_softmax", "--moe-router-pre-softmax", True, "False",
+                "Weights are renormalised over the selected real experts (paper step 4).")
+    if config.moe_router_num_groups is not None or config.moe_router_group_topk is not None:
+        _refuse("moe_router_num_groups/moe_router_group_topk",
+                "--moe-router-num-groups/--moe-router-group-topk",
+                (config.moe_router_num_groups, config.moe_router_group_topk), "None",
+                "Null copies belong to no device group.")
+    if config.moe_router_enable_expert_bias:
+        _refuse("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias", True, "False",
+                "Aux-loss-free bias balances real experts only and would fight the null target; "
+                "use the balance loss over the N+M pool.")
+    if config.moe_router_fusion:
+        _refuse("moe_router_fusion", "--moe-router-fusion", True, "False",
+                "Transformer Engine's fused router kernels know only the N real experts.")
+    if config.moe_enable_routing_replay:
+        _refuse("moe_enable_routing_replay", "--moe-enable-routing-replay", True, "False",
+                "Replay records top-K over real experts only.")
+    if config.moe_router_force_biased is not None:
+        _refuse("moe_router_force_biased", "--moe-router-force-biased",
+                config.moe_router_force_biased, "None", "It biases real experts only.")
+    _validate_balancing_types(config)
+    if config.moe_pad_expert_input_to_capacity:
+        _refuse("moe_pad_expert_input_to_capacity", "--moe-pad-expert-input-to-capacity", True,
+                "False", "Padding to capacity would spend compute on the slots nulls saved.")
+    if config.moe_token_dispatcher_type not in ("alltoall", "flex", "allgather"):
+        _refuse("moe_token_dispatcher_type", "--moe-token-dispatcher-type",
+                config.moe_token_dispatcher_type, "'alltoall', 'flex', 'allgather'", "")
+    return copies
+
+
+_SUPPORTED_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+def _validate_balancing_types(config: TransformerConfig) -> None:
+    types = config.moe_router_load_balancing_type
+    for balancing_type in types if isinstance(types, list) else [types]:
+        if balancing_type not in _SUPPORTED_BALANCING:
+            _refuse("moe_router_load_balancing_type", "--moe-router-load-balancing-type",
+                    balancing_type, ", ".join(repr(t) for t in _SUPPORTED_BALANCING),
+                    "The null target is held by the balance loss over the N+M pool.")

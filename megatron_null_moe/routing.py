@@ -1,0 +1,154 @@
+"""Routing math over the expanded pool of N real experts and M null copies (paper Sec. 3).
+
+Pure functions, no process groups looked up. The M null copies share one logit, so they are
+never materialised: top-K needs at most C = min(K, M) null columns, and the softmax over the
+pool groups the copies into one column whose logit is z_null + log M.
+
+Shape legend: T tokens, N real experts, K slots per token (top-K), G = N + 1 grouped pool
+columns (N real experts, then all null copies as one group).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+
+
+def grouped_pool_logits(real_logits_TN: torch.Tensor, null_logit_T: Optional[torch.Tensor],
+                        num_null_copies: int) -> torch.Tensor:
+    """[T, G] logits whose softmax gives each real expert's pool probability and the null
+    copies' total: logsumexp over them equals logsumexp over all N + M pool logits."""
+    if num_null_copies == 0:
+        return real_logits_TN
+    null_group_T1 = null_logit_T.unsqueeze(-1) + math.log(num_null_copies)
+    return torch.cat([real_logits_TN, null_group_T1], dim=-1)
+
+
+def split_grouped_pool_logits(pool_logits_TG: torch.Tensor, num_experts: int,
+                              num_null_copies: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Inverse of grouped_pool_logits: (real logits [T, N], one null copy's logit [T] or None)."""
+    if num_null_copies == 0:
+        return pool_logits_TG, None
+    null_logit_T = pool_logits_TG[:, num_experts] - math.log(num_null_copies)
+    return pool_logits_TG[:, :num_experts], null_logit_T
+
+
+def select_pool_slots(real_logits_TN: torch.Tensor, null_logit_T: Optional[torch.Tensor],
+                      num_null_copies: int, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-K over the N + M pool without materialising the M copies.
+
+    Ties break deterministically towards the lower pool index: real experts before null
+    copies, lower expert index first (a stable sort, not torch.topk's unspecified order).
+
+    Returns:
+        slot_logits_TK: logits of the selected slots, best first.
+        slot_experts_TK (int64): selected real expert index, or N for a null slot.
+    """
+    num_tokens, num_experts = real_logits_TN.shape
+    null_columns = min(topk, num_null_copies)
+    candidates = real_logits_TN
+    if null_columns > 0:
+        candidates = torch.cat(
+            [real_logits_TN, null_logit_T.unsqueeze(-1).expand(num_tokens, null_columns)], dim=-1
+        )
+    sorted_logits, sorted_index = torch.sort(candidates, dim=-1, descending=True, stable=True)
+    slot_experts_TK = sorted_index[:, :topk].clamp(max=num_experts)
+    return sorted_logits[:, :topk], slot_experts_TK
+
+
+def renormalised_real_weights(slot_logits_TK: torch.Tensor, slot_is_real_TK: torch.Tensor
+                              ) -> torch.Tensor:
+    """Softmax over each token's selected real slots only (paper step 4), in fp32.
+
+    w_i = p_i / sum of selected real p = exp(z_i) / sum over selected real exp(z_j). Null
+    slots get 0; a token with no real slot gets 0 everywhere, with a finite zero gradient.
+    """
+    has_real_T1 = slot_is_real_TK.any(dim=-1, keepdim=True)
+    masked = slot_logits_TK.float().masked_fill(~slot_is_real_TK, float("-inf"))
+    # An all-null row would be softmax(-inf, ...) = NaN; give it finite logits, then zero it.
+    masked = masked.masked_fill(~has_real_T1, 0.0)
+    return torch.softmax(masked, dim=-1) * slot_is_real_TK
+
+
+def slots_to_expert_map(slot_weights_TK: torch.Tensor, slot_experts_TK: torch.Tensor,
+                        num_experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense [T, N] routing probs and bool routing map; null slots land in a dropped column."""
+    num_tokens = slot_weights_TK.shape[0]
+    probs_TG = slot_weights_TK.new_zeros(num_tokens, num_experts + 1)
+    probs_TG = probs_TG.scatter(1, slot_experts_TK, slot_weights_TK)
+    routed_TG = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool,
+                            device=slot_experts_TK.device)
+    routed_TG = routed_TG.scatter(1, slot_experts_TK, True)
+    return probs_TG[:, :num_experts], routed_TG[:, :num_experts]
+
+
+def route_with_null_experts(real_logits_TN: torch.Tensor, null_logit_T: Optional[torch.Tensor],
+                            num_null_copies: int, topk: int,
+                            scaling_factor: Optional[float] = None):
+    """Token-choice top-K over the N + M pool, null slots dropped, real weights renormalised.
+
+    Returns:
+        probs_TN: routing weights in the logits' dtype, 0 where not routed.
+        routing_map_TN (bool): token -> real expert assignments (between 0 and K per token).
+        slot_experts_TK (int64): the selection, N marking a null slot (for losses and stats).
+    """
+    num_experts = real_logits_TN.shape[1]
+    slot_logits_TK, slot_experts_TK = select_pool_slots(
+        real_logits_TN, null_logit_T, num_null_copies, topk
+    )
+    weights_TK = renormalised_real_weights(slot_logits_TK, slot_experts_TK < num_experts)
+    if scaling_factor:
+        weights_TK = weights_TK * scaling_factor
+    probs_TN, routing_map_TN = slots_to_expert_map(
+        weights_TK.type_as(real_logits_TN), slot_experts_TK, num_experts
+    )
+    return probs_TN, routing_map_TN, slot_experts_TK
+
+
+def grouped_pool_probs(pool_logits_TG: torch.Tensor, num_null_copies: int) -> torch.Tensor:
+    """[T, G] fp32 pool probabilities: p_i for each real expert and, in the last column
+    (when M > 0), the probability of ONE null copy, p_null = exp(z_null) / sum over pool."""
+    probs_TG = torch.softmax(pool_logits_TG, dim=-1, dtype=torch.float32)
+    if num_null_copies == 0:
+        return probs_TG
+    return torch.cat([probs_TG[:, :-1], probs_TG[:, -1:] / num_null_copies], dim=-1)
+
+
+def grouped_slot_counts(slot_experts_TK: torch.Tensor, num_experts: int,
+                        num_null_copies: int) -> torch.Tensor:
+    """[T, G] int: 1 for each selected real expert, and the number of null slots taken."""
+    columns = num_experts + (1 if num_null_copies > 0 else 0)
+    counts = torch.zeros(slot_experts_TK.shape[0], num_experts + 1, dtype=torch.int64,
+                         device=slot_experts_TK.device)
+    counts.scatter_add_(1, slot_experts_TK, torch.ones_like(slot_experts_TK))
+    return counts[:, :columns]
+
+
+def pool_load_balancing_loss(pool_probs_TG: torch.Tensor, slot_counts_G: torch.Tensor,
+                             total_num_tokens, topk: int, pool_size: int,
+                             coeff: float) -> torch.Tensor:
+    """Switch balance loss over all N + M slots, the null copies handled as a group.
+
+        L = coeff * (N+M) * sum_{i in pool} f_i P_i,
+        f_i = count_i / (K T),  P_i = sum_t p_ti / T.
+
+    The M copies share p_null, so their terms sum to P_null * (total null count): the grouped
+    column (one copy's probability, total null count) gives the materialised pool's value.
+    slot_counts_G are counted at the scope of the loss (micro-batch, sequence or global
+    batch); pool_probs_TG are this rank's tokens.
+    """
+    return switch_load_balancing_loss_func(
+        probs=pool_probs_TG,
+        tokens_per_expert=slot_counts_G,
+        total_num_tokens=total_num_tokens,
+        topk=topk,
+        num_experts=pool_size,
+        moe_aux_loss_coeff=coeff,
+    )
+
+
+def real_experts_per_token(routing_map_TN: torch.Tensor) -> torch.Tensor:
+    """[T] int64: how many real experts each token uses (0..K)."""
+    return routing_map_TN.sum(dim=-1)
