@@ -1,0 +1,95 @@
+"""Per-layer routing statistics: how much real compute the null experts left each token.
+
+Everything derives from one histogram per layer, the number of tokens that used r real
+experts for r = 0..K, accumulated on the device by the router and read at logging time.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingStatistics:
+    """Routing statistics of one MoE layer over some tokens.
+
+    real_experts_histogram: tokens that used exactly r real experts, r = 0..K.
+    target_real_fraction: rho in the paper, the fraction of slots the balance loss aims at.
+    """
+
+    real_experts_histogram: Tuple[int, ...]
+    target_real_fraction: float
+
+    @classmethod
+    def from_histogram(cls, histogram: torch.Tensor, target_real_fraction: float):
+        return cls(tuple(int(count) for count in histogram.tolist()), float(target_real_fraction))
+
+    @property
+    def topk(self) -> int:
+        return len(self.real_experts_histogram) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.real_experts_histogram)
+
+    @property
+    def real_slots(self) -> int:
+        return sum(r * count for r, count in enumerate(self.real_experts_histogram))
+
+    @property
+    def real_fraction(self) -> float:
+        """Compute intensity: the fraction of the K slots that went to real experts."""
+        return self.real_slots / max(self.num_tokens * self.topk, 1)
+
+    @property
+    def null_fraction(self) -> float:
+        return 1.0 - self.real_fraction if self.num_tokens else 0.0
+
+    @property
+    def target_null_fraction(self) -> float:
+        return 1.0 - self.target_real_fraction
+
+    @property
+    def zero_real_fraction(self) -> float:
+        """Fraction of tokens whose MoE output is 0 (all K slots null)."""
+        return self.real_experts_histogram[0] / max(self.num_tokens, 1)
+
+    @property
+    def real_experts_distribution(self) -> Tuple[float, ...]:
+        """Fraction of tokens using r real experts, r = 0..K (polarisation shows as mass at
+        0 and K)."""
+        total = max(self.num_tokens, 1)
+        return tuple(count / total for count in self.real_experts_histogram)
+
+    def as_scalars(self) -> Dict[str, float]:
+        """Flat name -> value, for a log line or TensorBoard."""
+        scalars = {
+            "real_fraction": self.real_fraction,
+            "null_fraction": self.null_fraction,
+            "target_null_fraction": self.target_null_fraction,
+            "zero_real_fraction": self.zero_real_fraction,
+            "mean_real_experts": self.real_fraction * self.topk,
+        }
+        for r, share in enumerate(self.real_experts_distribution):
+            scalars[f"tokens_with_{r}_real"] = share
+        return scalars
+
+    def merged(self, other: "RoutingStatistics") -> "RoutingStatistics":
+        if other.topk != self.topk:
+            raise ValueError(f"cannot merge statistics of top-{self.topk} and top-{other.topk}")
+        summed = tuple(a + b for a, b in zip(self.real_experts_histogram,
+                                             other.real_experts_histogram))
+        return RoutingStatistics(summed, self.target_real_fraction)
+
+
+def pop_layer_statistics(model: torch.nn.Module) -> Dict[int, RoutingStatistics]:
+    """Statistics of every null-expert router in ``model`` by layer number, then reset."""
+    from megatron_null_moe.router import NullExpertRouter
+
+    statistics = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NullExpertRouter):
+            key = module.layer_number if module.layer_number is not None else name
+            statistics[key] = module.pop_routing_statistics()
+    return statistics

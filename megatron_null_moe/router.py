@@ -1,0 +1,229 @@
+"""NullExpertRouter: Megatron's TopKRouter over a pool of N real experts and M null copies.
+
+Usable as ``MoESubmodules.router``. It returns what every Megatron dispatcher expects, probs
+and routing_map over the N real experts, but a token may now have fewer than K real experts.
+"""
+
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import (
+    apply_router_token_dropping,
+    get_tokens_per_expert_and_token_count,
+    router_gating_linear,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_null_moe.config import NullExpertConfig, validate_for_transformer_config
+from megatron_null_moe.metrics import RoutingStatistics
+from megatron_null_moe.routing import (
+    grouped_pool_logits,
+    grouped_pool_probs,
+    grouped_slot_counts,
+    pool_load_balancing_loss,
+    route_with_null_experts,
+    split_grouped_pool_logits,
+)
+
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class NullExpertRouter(TopKRouter):
+    """Top-K router with zero-compute null experts (one extra logit row, M virtual copies).
+
+    The null row is a separate parameter ``null_weight`` [1, hidden] (and ``null_bias`` with
+    ``add_bias_linear``) beside Megatron's ``weight`` [N, hidden], so an ordinary MoE
+    checkpoint's router loads unchanged. With M = 0 (rho = 1) there is no null row and the
+    router computes exactly what TopKRouter computes.
+    """
+
+    def __init__(self, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False,
+                 null_config: Optional[NullExpertConfig] = None):
+        self.null_config = null_config if null_config is not None else NullExpertConfig()
+        # Validate before the parent allocates anything, so a bad config fails first and clearly.
+        self.num_null_copies = validate_for_transformer_config(self.null_config, config)
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self.pool_size = self.num_experts + self.num_null_copies
+        self.null_weight = self.null_bias = None
+        if self.num_null_copies > 0:
+            self.null_weight = torch.nn.Parameter(torch.empty(1, config.hidden_size))
+            if config.add_bias_linear:
+                self.null_bias = torch.nn.Parameter(torch.empty(1))
+            self._reset_null_parameters()
+        if self.global_tokens_per_expert is not None:
+            # Global-batch counts cover the grouped pool: N real experts and the null group.
+            self.register_buffer(
+                "global_tokens_per_expert",
+                self.global_tokens_per_expert.new_zeros(self._grouped_columns()),
+                persistent=False,
+            )
+        # Integer counts: Float16Module casts floating buffers to bf16, which would round them.
+        self.register_buffer(
+            "real_experts_histogram", torch.zeros(self.topk + 1, dtype=torch.int64),
+            persistent=False,
+        )
+
+    def _grouped_columns(self) -> int:
+        return self.num_experts + (1 if self.num_null_copies > 0 else 0)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if getattr(self, "null_weight", None) is not None:
+            self._reset_null_parameters()
+
+    def _reset_null_parameters(self):
+        for param in (self.null_weight, self.null_bias):
+            if param is None:
+                continue
+            if self.config.perform_initialization:
+                self.config.init_method(param.data)
+            param.data = param.data.to(dtype=self.config.params_dtype, device=self.weight.device)
+            setattr(param, "sequence_parallel", self.config.sequence_parallel)
+
+    @property
+    def expected_real_slots(self) -> float:
+        """rho * K: the expected number of real experts per token the balance loss aims at."""
+        return self.null_config.pool_real_fraction(self.num_experts) * self.topk
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """[S, B, G] logits: N real logits, then the null logit when M > 0."""
+        weight, bias = self.weight, self.bias
+        if self.null_weight is not None:
+            weight = torch.cat([weight, self.null_weight], dim=0)
+            if bias is not None:
+                bias = torch.cat([bias, self.null_bias], dim=0)
+        if weight.device != input.device:
+            # Upstream moves router weights to CUDA here; follow the input instead (CPU too).
+            self._move_parameters_to(input.device)
+            return self.gating(input)
+        router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        return router_gating_linear(input, weight, bias, router_dtype)
+
+    def _move_parameters_to(self, device: torch.device):
+        for param in (self.weight, self.bias, self.null_weight, self.null_bias):
+            if param is not None:
+                param.data = param.data.to(device=device)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route [S, B, G] logits; returns probs and routing_map over the N real experts.
+
+        padding_mask follows the router's upstream convention: [S, B], True marks padding.
+        """
+        seq_length, bsz = logits.shape[:2]
+        pool_logits = logits.reshape(-1, logits.shape[-1])
+        real_logits = pool_logits[:, : self.num_experts]
+        null_logit = pool_logits[:, self.num_experts] if self.num_null_copies > 0 else None
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+
+        # z-loss over all N + M logits: logsumexp of the grouped pool equals the pool's.
+        grouped = self.apply_z_loss(
+            grouped_pool_logits(real_logits, null_logit, self.num_null_copies), padding_mask
+        )
+        real_logits, null_logit = split_grouped_pool_logits(
+            grouped, self.num_experts, self.num_null_copies
+        )
+        probs, routing_map, slot_experts = route_with_null_experts(
+            real_logits, null_logit, self.num_null_copies, self.topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+        )
+        if self.config.moe_expert_capacity_factor is not None:
+            # Capacity counts the expected real slots rho*K, not K.
+            probs, routing_map = apply_router_token_dropping(
+                probs, routing_map,
+                router_topk=self.expected_real_slots,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+            )
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs = self._apply_pool_balance_losses(
+                probs, grouped, slot_experts, seq_length, bsz, padding_mask
+            )
+        if self.training and torch.is_grad_enabled():
+            self._record_statistics(routing_map, padding_mask)
+        return probs, routing_map
+
+    def _apply_pool_balance_losses(self, probs, grouped_logits, slot_experts, seq_length, bsz,
+                                   padding_mask):
+        """Attach the balance losses over the N + M pool at each configured scope."""
+        pool_probs = grouped_pool_probs(grouped_logits, self.num_null_copies)
+        slot_counts = grouped_slot_counts(slot_experts, self.num_experts, self.num_null_copies)
+        with_padding = padding_mask is not None
+        if with_padding:
+            valid = (~padding_mask).unsqueeze(-1)
+            pool_probs, slot_counts = pool_probs * valid, slot_counts * valid
+
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff > 0:
+            counts, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+                slot_counts, self.tp_cp_group, topk=self.topk, with_padding_mask=with_padding
+            )
+            loss = pool_load_balancing_loss(
+                pool_probs, counts, total_tokens, self.topk, self.pool_size, coeff
+            )
+            probs = self.attach_and_log_load_balancing_loss(
+                probs, coeff, loss, "load_balancing_loss", self.tp_cp_group,
+                valid_token_count=local_tokens,
+            )
+
+        coeff = self.get_aux_loss_coeff("seq_aux_loss")
+        if coeff > 0:
+            # Sequences side by side as columns: one loss per sequence, summed, then averaged.
+            counts, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+                slot_counts.reshape(seq_length, -1), self.tp_cp_group,
+                topk=self.topk * bsz, with_padding_mask=with_padding,
+            )
+            loss = pool_load_balancing_loss(
+                pool_probs.reshape(seq_length, -1), counts, total_tokens, self.topk,
+                self.pool_size, coeff,
+            ) / bsz
+            probs = self.attach_and_log_load_balancing_loss(
+                probs, coeff, loss, "seq_load_balancing_loss", self.tp_cp_group,
+                valid_token_count=local_tokens * bsz,
+            )
+
+        coeff = self.get_aux_loss_coeff("global_aux_loss")
+        if coeff > 0:
+            # Counts accumulate over the micro-batches of the global batch; Megatron's
+            # finalize_model_grads calls reset_global_aux_loss_tracker after each step.
+            counts, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+                slot_counts, self.tp_dp_cp_group, topk=self.topk, with_padding_mask=with_padding
+            )
+            self.global_tokens_per_expert += counts
+            self.ga_steps += 1
+            loss = pool_load_balancing_loss(
+                pool_probs, self.global_tokens_per_expert / self.ga_steps, total_tokens,
+                self.topk, self.pool_size, coeff,
+            )
+            probs = self.attach_and_log_load_balancing_loss(
+                probs, coeff, loss, "global_load_balancing_loss", self.tp_dp_cp_group,
+                needs_dp_avg=False, valid_token_count=local_tokens,
+            )
+        return probs
+
+    @torch.no_grad()
+    def _record_statistics(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        real_per_token = routing_map.sum(dim=-1)
+        if padding_mask is not None:
+            real_per_token = real_per_token[~padding_mask]
+        histogram = torch.bincount(real_per_token, minlength=self.topk + 1)[: self.topk + 1]
+        if self.real_experts_histogram.device != histogram.device:
+            self.real_experts_histogram = self.real_experts_histogram.to(histogram.device)
+        self.real_experts_histogram += histogram
+
+    def pop_routing_statistics(self) -> RoutingStatistics:
+        """Statistics since the last call (this rank's tokens), then reset. Syncs the host."""
+        stats = RoutingStatistics.from_histogram(
+            self.real_experts_histogram.cpu(), self.null_config.pool_real_fraction(self.num_experts)
+        )
+        self.real_experts_histogram.zero_()
+        return stats
+
+    def extra_repr(self) -> str:
+        rho = self.null_config.pool_real_fraction(self.num_experts)
+        return (f"num_experts={self.num_experts}, num_null_copies={self.num_null_copies}, "
+                f"topk={self.topk}, real_fraction={rho:.4g}, "
+                f"expected_real_slots={rho * self.topk:.4g}")
+
