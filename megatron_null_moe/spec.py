@@ -19,29 +19,33 @@ from megatron_null_moe.router import NullExpertRouter
 
 def with_null_experts(spec: Any, null_config: NullExpertConfig) -> Any:
     """A copy of ``spec`` (ModuleSpec, TransformerBlockSubmodules, partial, ...) whose MoE
-    layers route over null experts. MoE layers appear in 0.19 specs both as
-    ``ModuleSpec(module=MoELayer, ...)`` and as ``functools.partial(MoELayer, ...)``."""
-    if isinstance(spec, ModuleSpec):
-        if _is_moe_layer(spec.module):
-            return dataclasses.replace(
-                spec, module=NullExpertMoELayer,
-                submodules=_null_submodules(spec.submodules, null_config),
-            )
-        return dataclasses.replace(spec, submodules=with_null_experts(spec.submodules, null_config))
+    layers route over null experts; every part without an MoE layer is returned as the same
+    object. MoE layers appear in 0.19 specs both as ``ModuleSpec(module=MoELayer, ...)`` and
+    as ``functools.partial(MoELayer, ...)``."""
+    if isinstance(spec, ModuleSpec) and _is_moe_layer(spec.module):
+        return dataclasses.replace(spec, module=NullExpertMoELayer,
+                                   submodules=_null_submodules(spec.submodules, null_config))
     if isinstance(spec, functools.partial) and _is_moe_layer(spec.func):
-        keywords = dict(spec.keywords)
-        keywords["submodules"] = _null_submodules(keywords.get("submodules"), null_config)
+        keywords = dict(spec.keywords,
+                        submodules=_null_submodules(spec.keywords.get("submodules"), null_config))
         return functools.partial(NullExpertMoELayer, *spec.args, **keywords)
     if isinstance(spec, functools.partial):
         keywords = {k: with_null_experts(v, null_config) for k, v in spec.keywords.items()}
+        if _same(spec.keywords, keywords):
+            return spec
         return functools.partial(spec.func, *spec.args, **keywords)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {f.name: with_null_experts(getattr(spec, f.name), null_config)
-                   for f in dataclasses.fields(spec) if f.init}
-        return dataclasses.replace(spec, **changes)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+        changed = {k: with_null_experts(v, null_config) for k, v in fields.items()}
+        return spec if _same(fields, changed) else dataclasses.replace(spec, **changed)
     if isinstance(spec, (list, tuple)):
-        return type(spec)(with_null_experts(item, null_config) for item in spec)
+        items = [with_null_experts(item, null_config) for item in spec]
+        return spec if all(a is b for a, b in zip(spec, items)) else type(spec)(items)
     return spec
+
+
+def _same(before: dict, after: dict) -> bool:
+    return all(after[key] is value for key, value in before.items())
 
 
 def _is_moe_layer(module: Any) -> bool:
