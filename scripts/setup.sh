@@ -32,5 +32,5 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    -c constraints-ci.txt -e '.[test]' sentencepiece tensorboard
+    -c constraints-ci.txt -e '.[test]'
 echo "setup: $(.venv/bin/python -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)')"
