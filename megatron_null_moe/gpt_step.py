@@ -30,6 +30,15 @@ def refuse_unsupported(args) -> None:
         if getattr(args, name, False):
             raise ValueError(f"megatron_null_moe.pretrain_gpt does not support {flag}; "
                              "use Megatron-LM's pretrain_gpt.py with patches/ for it.")
+    if getattr(args, "moe_use_upcycling", False):
+        # Measured with the megatron-core 0.19.2 wheel: load_and_upcycle_model passes model=
+        # to load_checkpoint(ddp_model, ...) (TypeError), and the dense model it builds comes
+        # from the already-built MoE model config, so the dense checkpoint cannot load.
+        raise ValueError(
+            "--moe-use-upcycling is broken in megatron-core 0.19.2's training loop (upcycling "
+            "calls load_checkpoint with model= and builds the 'dense' model with experts). "
+            "Make the upcycled MoE checkpoint another way, then start the null-expert run "
+            "from it: see README, 'Add null experts to a trained MoE'.")
 
 
 def get_batch(data_iterator, vp_stage=None):

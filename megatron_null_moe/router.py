@@ -82,6 +82,18 @@ class NullExpertRouter(TopKRouter):
             param.data = param.data.to(dtype=self.config.params_dtype, device=self.weight.device)
             setattr(param, "sequence_parallel", self.config.sequence_parallel)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An ordinary MoE checkpoint has no null row. Start the null logit at the mean real
+        # logit (null row = mean of the real rows): routing begins close to the trained
+        # top-K, and the balance loss then moves the real fraction towards rho.
+        if self.null_weight is not None and prefix + "weight" in state_dict:
+            for null_name, real_name in (("null_weight", "weight"), ("null_bias", "bias")):
+                if getattr(self, null_name) is not None and prefix + null_name not in state_dict:
+                    real = state_dict[prefix + real_name]
+                    state_dict[prefix + null_name] = (
+                        real.float().mean(dim=0, keepdim=True).to(real.dtype))
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def expected_real_slots(self) -> float:
         """rho * K: the expected number of real experts per token the balance loss aims at."""

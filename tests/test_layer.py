@@ -208,3 +208,17 @@ def test_input_jitter_is_applied_as_upstream(parallel_state):
         torch.manual_seed(0)
         factor = torch.distributions.Uniform(0.5, 1.5).rsample(hidden.shape)
         assert torch.equal(plain(hidden * factor)[0], noisy)
+
+
+def test_ordinary_moe_state_dict_loads_with_null_row_at_mean_real_row(parallel_state):
+    """'Add nulls to a trained MoE': the null row starts as the mean of the real rows."""
+    upstream = build_moe_layer(moe_config(), real_fraction=None, seed=7)
+    null = build_moe_layer(moe_config(), real_fraction=0.5, seed=8)
+    null.load_state_dict(upstream.state_dict(), strict=True)
+    torch.testing.assert_close(null.router.weight, upstream.router.weight)
+    torch.testing.assert_close(null.router.null_weight,
+                               upstream.router.weight.mean(dim=0, keepdim=True))
+    saved = null.state_dict()  # a null-expert checkpoint keeps its own null row
+    saved["router.null_weight"] = torch.full((1, 16), 0.3)
+    null.load_state_dict(saved)
+    assert torch.all(null.router.null_weight == 0.3)

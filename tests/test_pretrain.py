@@ -117,3 +117,48 @@ def test_bad_flags_fail_at_start_up(tmp_path):
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert result.returncode != 0
     assert "--moe-router-score-function" in result.stderr and "allowed: 'softmax'" in result.stderr
+
+
+def _checkpoint_tensors(directory: Path) -> dict:
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    (iteration,) = sorted(directory.glob("iter_*"))
+    converted = directory / "converted.pt"
+    dcp_to_torch_save(str(iteration), str(converted))
+    return torch.load(converted, weights_only=False)
+
+
+def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
+    """The README recipe: --finetune --no-load-optim --dist-ckpt-strictness log_all; the
+    null row starts at the mean of the trained real rows (lr 0 keeps it visible)."""
+    ordinary = [a for a in TINY_GPT if a not in ("--moe-null-expert-rho", "0.5",
+                                                 "--moe-null-balance-scope", "global")]
+    moe_dir, null_dir = tmp_path / "moe", tmp_path / "null"
+    for directory in (moe_dir, null_dir):
+        directory.mkdir()
+    command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *ordinary,
+               "--train-iters", "2", "--save", str(moe_dir / "ckpt"), "--save-interval", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_pretrain(null_dir, "--train-iters", "1", "--lr", "0", "--min-lr", "0",
+                 "--load", str(moe_dir / "ckpt"), "--finetune", "--no-load-optim",
+                 "--dist-ckpt-strictness", "log_all",
+                 "--save", str(null_dir / "ckpt"), "--save-interval", "1")
+    trained = _checkpoint_tensors(moe_dir / "ckpt")["decoder.layers.mlp.router.weight"]
+    loaded = _checkpoint_tensors(null_dir / "ckpt")
+    assert "decoder.layers.mlp.router.null_weight" not in _checkpoint_tensors(moe_dir / "ckpt")
+    null_row = loaded["decoder.layers.mlp.router.null_weight"]  # [layers, 1, hidden]
+    assert float((null_row - trained.mean(dim=1, keepdim=True)).abs().max()) < 1e-6
+    assert float((loaded["decoder.layers.mlp.router.weight"] - trained).abs().max()) == 0.0
+
+
+def test_upcycling_refused_clearly(tmp_path):
+    command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT,
+               "--moe-use-upcycling", "--save", str(tmp_path), "--save-interval", "1",
+               "--load", str(tmp_path), "--train-iters", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode != 0
+    assert "--moe-use-upcycling is broken in megatron-core 0.19.2" in result.stderr
