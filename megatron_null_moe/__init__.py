@@ -7,7 +7,7 @@ Sparsity"). Imports are light: nothing is patched or initialised at import time.
 
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.layer import NullExpertMoELayer
-from megatron_null_moe.metrics import RoutingStatistics, pop_layer_statistics
+from megatron_null_moe.metrics import RoutingStatistics, pop_layer_statistics, set_token_types
 from megatron_null_moe.router import NullExpertRouter
 from megatron_null_moe.spec import with_null_experts
 
@@ -17,6 +17,7 @@ __all__ = [
     "NullExpertRouter",
     "RoutingStatistics",
     "pop_layer_statistics",
+    "set_token_types",
     "with_null_experts",
 ]
 __version__ = "0.1.0"

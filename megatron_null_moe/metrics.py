@@ -83,13 +83,31 @@ class RoutingStatistics:
         return RoutingStatistics(summed, self.target_real_fraction)
 
 
-def pop_layer_statistics(model: torch.nn.Module) -> Dict[int, RoutingStatistics]:
-    """Statistics of every null-expert router in ``model`` by layer number, then reset."""
+def _null_expert_routers(model: torch.nn.Module):
     from megatron_null_moe.router import NullExpertRouter
 
-    statistics = {}
     for name, module in model.named_modules():
         if isinstance(module, NullExpertRouter):
-            key = module.layer_number if module.layer_number is not None else name
-            statistics[key] = module.pop_routing_statistics()
-    return statistics
+            yield (module.layer_number if module.layer_number is not None else name), module
+
+
+def pop_layer_statistics(model: torch.nn.Module, by_type: bool = False) -> Dict:
+    """Statistics of every null-expert router in ``model`` by layer number, then reset
+    (with by_type: a list per layer, one RoutingStatistics per token type)."""
+    return {layer: router.pop_routing_statistics(by_type=by_type)
+            for layer, router in _null_expert_routers(model)}
+
+
+def set_token_types(model: torch.nn.Module, token_types_BS, num_types: int) -> None:
+    """Count every router's statistics per token type (modality) for the next forward.
+
+    token_types_BS: int [batch, sequence] like the model's input ids, or None to stop. The
+    routers see tokens sequence-major and unsharded: refused with sequence or context
+    parallelism, where each rank routes a slice.
+    """
+    for _, router in _null_expert_routers(model):
+        if router.config.sequence_parallel or router.config.context_parallel_size > 1:
+            raise ValueError("set_token_types: per-type statistics need the full sequence on "
+                             "each rank; turn off --sequence-parallel and context parallelism.")
+        flat = None if token_types_BS is None else token_types_BS.t().reshape(-1)
+        router.set_token_types(flat, num_types)

@@ -59,11 +59,13 @@ class NullExpertRouter(TopKRouter):
                 self.global_tokens_per_expert.new_zeros(self._grouped_columns()),
                 persistent=False,
             )
-        # Integer counts: Float16Module casts floating buffers to bf16, which would round them.
+        # [token types, K+1]: tokens of each type that used r real experts. Integer counts:
+        # Float16Module casts floating buffers to bf16, which would round them.
         self.register_buffer(
-            "real_experts_histogram", torch.zeros(self.topk + 1, dtype=torch.int64),
+            "real_experts_histogram", torch.zeros(1, self.topk + 1, dtype=torch.int64),
             persistent=False,
         )
+        self.token_types: Optional[torch.Tensor] = None
 
     def _grouped_columns(self) -> int:
         return self.num_experts + (1 if self.num_null_copies > 0 else 0)
@@ -215,23 +217,46 @@ class NullExpertRouter(TopKRouter):
             )
         return probs
 
+    def set_token_types(self, token_types: Optional[torch.Tensor], num_types: int = 1):
+        """Count the statistics per token type (e.g. image vs text) from the next forward on.
+
+        token_types: int [num_tokens] in this router's token order (sequence-major, as the
+        router sees them), values in [0, num_types); None counts all tokens as type 0.
+        """
+        if num_types != self.real_experts_histogram.shape[0]:
+            self.real_experts_histogram = self.real_experts_histogram.new_zeros(
+                num_types, self.topk + 1)
+        self.token_types = token_types
+
     @torch.no_grad()
     def _record_statistics(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         real_per_token = routing_map.sum(dim=-1)
+        num_types, width = self.real_experts_histogram.shape
+        types = self.token_types
+        if types is None:
+            types = torch.zeros_like(real_per_token)
+        elif types.shape != real_per_token.shape:
+            raise ValueError(f"set_token_types: {tuple(types.shape)} token types for "
+                             f"{real_per_token.numel()} routed tokens")
         if padding_mask is not None:
-            real_per_token = real_per_token[~padding_mask]
-        histogram = torch.bincount(real_per_token, minlength=self.topk + 1)[: self.topk + 1]
+            real_per_token, types = real_per_token[~padding_mask], types[~padding_mask]
+        flat = types.to(real_per_token.device) * width + real_per_token
+        histogram = torch.bincount(flat, minlength=num_types * width)[: num_types * width]
         if self.real_experts_histogram.device != histogram.device:
             self.real_experts_histogram = self.real_experts_histogram.to(histogram.device)
-        self.real_experts_histogram += histogram
+        self.real_experts_histogram += histogram.view(num_types, width)
 
-    def pop_routing_statistics(self) -> RoutingStatistics:
-        """Statistics since the last call (this rank's tokens), then reset. Syncs the host."""
-        stats = RoutingStatistics.from_histogram(
-            self.real_experts_histogram.cpu(), self.null_config.pool_real_fraction(self.num_experts)
-        )
+    def pop_routing_statistics(self, by_type: bool = False):
+        """Statistics since the last call (this rank's tokens), then reset. Syncs the host.
+
+        Returns one RoutingStatistics, or with by_type a list of them, one per token type.
+        """
+        rho = self.null_config.pool_real_fraction(self.num_experts)
+        histogram = self.real_experts_histogram.to("cpu", copy=True)
         self.real_experts_histogram.zero_()
-        return stats
+        if by_type:
+            return [RoutingStatistics.from_histogram(row, rho) for row in histogram]
+        return RoutingStatistics.from_histogram(histogram.sum(dim=0), rho)
 
     def extra_repr(self) -> str:
         rho = self.null_config.pool_real_fraction(self.num_experts)

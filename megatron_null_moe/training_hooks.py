@@ -57,7 +57,7 @@ class NullExpertMonitor:
                                 device=device)
         for router in self.routers:
             layer = router.layer_number + (args.num_layers if router.is_mtp_layer else 0)
-            histogram[layer - 1] += router.real_experts_histogram.to(device)
+            histogram[layer - 1] += router.real_experts_histogram.sum(dim=0).to(device)
             router.real_experts_histogram.zero_()
         torch.distributed.all_reduce(histogram)
         # Host copy: FLOPs and log values are Python numbers.

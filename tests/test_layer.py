@@ -222,3 +222,26 @@ def test_ordinary_moe_state_dict_loads_with_null_row_at_mean_real_row(parallel_s
     saved["router.null_weight"] = torch.full((1, 16), 0.3)
     null.load_state_dict(saved)
     assert torch.all(null.router.null_weight == 0.3)
+
+
+def test_statistics_per_token_type(parallel_state):
+    from megatron_null_moe import set_token_types
+
+    layer = build_moe_layer(moe_config(), real_fraction=0.5)
+    layer.train()
+    hidden = _hidden(12).reshape(6, 2, 16)  # [S, B, H]
+    types_BS = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 0, 0, 1, 0, 0]])
+    set_token_types(layer, types_BS, num_types=2)
+    _, routing_map = layer.router(hidden)
+    per_type = pop_layer_statistics(layer, by_type=True)[1]
+    real = routing_map.sum(-1)  # router order: sequence-major
+    types = types_BS.t().reshape(-1)
+    for token_type, stats in enumerate(per_type):
+        expected = torch.bincount(real[types == token_type], minlength=5).tolist()
+        assert list(stats.real_experts_histogram) == expected
+    set_token_types(layer, torch.zeros(3, 3, dtype=torch.long), num_types=2)
+    with pytest.raises(ValueError, match=r"\(9,\) token types for 12 routed tokens"):
+        layer.router(hidden)
+    set_token_types(layer, None, num_types=1)
+    layer.router(hidden)
+    assert pop_layer_statistics(layer)[1].num_tokens == 12
