@@ -162,3 +162,27 @@ def test_upcycling_refused_clearly(tmp_path):
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert result.returncode != 0
     assert "--moe-use-upcycling is broken in megatron-core 0.19.2" in result.stderr
+
+
+def test_one_gpu_quickstart_model_trains_on_cpu(tmp_path):
+    """examples/pretrain_1gpu_quickstart.sh's arguments (fp32, local layers) with smaller
+    batches and sequences, two steps through the entry point on the CPU."""
+    script = Path(__file__).parent.parent / "examples" / "pretrain_1gpu_quickstart.sh"
+    environment = dict(os.environ, DRY_RUN="1", DTYPE="fp32", TRANSFORMER_IMPL="local",
+                       VOCAB_SIZE="1024",
+                       CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+                       TENSORBOARD_DIR=str(tmp_path / "tb"))
+    arguments = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                               check=True, env=environment).stdout.split("\n")[:-1]
+    cpu_sized = ["--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--seq-length", "128", "--max-position-embeddings", "128",
+                 "--lr-warmup-iters", "0", "--log-interval", "1", "--eval-iters", "0",
+                 "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+                 "--no-rope-fusion"]  # the fusions need apex / Transformer Engine
+    command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *arguments, *cpu_sized]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "iteration        2/       2" in output and "null real fraction" in output
+    assert "null expected real experts/token: 2.000000E+00" in output  # rho 0.5 * top-4

@@ -1,0 +1,171 @@
+"""patches/: the Megatron-LM pretrain_gpt.py patch is a well-formed diff of that one file,
+and every plugin name it imports exists.
+
+With MEGATRON_LM_REPO set to a Megatron-LM clone (bare or not), the patch is also applied to
+its core_v0.19.0 and the result compiled; nothing in that clone is changed.
+"""
+
+import functools
+import importlib
+import inspect
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH = ROOT / "patches" / "megatron-lm-core_v0.19.0-null-experts.patch"
+TARGET = "pretrain_gpt.py"
+MEGATRON_LM_TAG = "core_v0.19.0"
+HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def parse_unified_diff(text: str):
+    """{path: [(old_start, old_lines, new_start, new_lines, body)]}; AssertionError if malformed."""
+    files, lines, index = {}, text.splitlines(), 0
+    while index < len(lines):
+        line = lines[index]
+        if not line.startswith("diff --git "):
+            assert line.startswith(("index ", "new file", "deleted file", "similarity", "old mode",
+                                    "new mode")) or not line, f"line {index + 1}: {line!r}"
+            index += 1
+            continue
+        match = re.fullmatch(r"diff --git a/(\S+) b/(\S+)", line)
+        assert match and match[1] == match[2], f"line {index + 1}: {line!r}"
+        path = match[1]
+        index += 1
+        while index < len(lines) and not lines[index].startswith("--- "):
+            assert lines[index].startswith(("index ", "old mode", "new mode")), lines[index]
+            index += 1
+        assert lines[index] == f"--- a/{path}" and lines[index + 1] == f"+++ b/{path}", path
+        index += 2
+        hunks = files.setdefault(path, [])
+        while index < len(lines) and lines[index].startswith("@@"):
+            header = HUNK.match(lines[index])
+            assert header, f"line {index + 1}: bad hunk header {lines[index]!r}"
+            old_start, new_start = int(header[1]), int(header[3])
+            old_count = int(header[2]) if header[2] is not None else 1
+            new_count = int(header[4]) if header[4] is not None else 1
+            index += 1
+            body, old_seen, new_seen = [], 0, 0
+            while (old_seen < old_count or new_seen < new_count) and index < len(lines):
+                body_line = lines[index]
+                if body_line.startswith("\\"):  # "\ No newline at end of file"
+                    index += 1
+                    continue
+                kind = body_line[:1] or " "
+                assert kind in " +-", f"line {index + 1}: {body_line!r} in a hunk"
+                old_seen += kind in " -"
+                new_seen += kind in " +"
+                body.append(body_line)
+                index += 1
+            assert (old_seen, new_seen) == (old_count, new_count), \
+                f"{path} hunk at -{old_start}: counts {old_seen},{new_seen} != header"
+            hunks.append((old_start, old_count, new_start, new_count, body))
+        assert hunks, f"{path}: no hunks"
+    return files
+
+
+@pytest.fixture(scope="module")
+def patch_text() -> str:
+    return PATCH.read_text()
+
+
+@pytest.fixture(scope="module")
+def added_lines(patch_text):
+    hunks = parse_unified_diff(patch_text)[TARGET]
+    return [line[1:] for *_, body in hunks for line in body if line.startswith("+")]
+
+
+def test_patch_is_a_git_diff_of_pretrain_gpt_only(patch_text):
+    assert patch_text.startswith(f"diff --git a/{TARGET} b/{TARGET}\n")
+    files = parse_unified_diff(patch_text)
+    assert list(files) == [TARGET]
+    # Hunks in order, not overlapping, and the new-file offsets follow from the old ones.
+    shift, previous_end = 0, 0
+    for old_start, old_count, new_start, new_count, _ in files[TARGET]:
+        assert old_start > previous_end and new_start == old_start + shift
+        previous_end, shift = old_start + old_count, shift + new_count - old_count
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("diff --git a/x.py b/y.py\n--- a/x.py\n+++ b/y.py\n@@ -1 +1 @@\n-a\n+b\n", "a/b paths"),
+    ("diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n@@ -1,2 +1,2 @@\n-a\n+b\n", "counts"),
+    ("diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n*a\n", "bad line"),
+    ("diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n", "no hunks"),
+])
+def test_malformed_diffs_are_refused(text, problem):
+    with pytest.raises((AssertionError, IndexError)):
+        parse_unified_diff(text)
+
+
+def test_patch_registers_flags_config_and_layer_spec(added_lines):
+    added = "\n".join(added_lines)
+    for name in ("add_null_expert_args", "null_expert_config_from_args", "null_expert_layer_spec"):
+        assert re.search(rf"\b{name}\b", added), name
+    # The plugin's flags chained after ModelOpt's provider, which stays.
+    assert "add_modelopt_args(parser)" in added and "add_null_expert_args(parser)" in added
+    assert re.search(r"partial\(\s*null_expert_layer_spec,\s*null_config=null_config", added)
+    assert "model_cfg.transformer_layer_spec =" in added
+    assert not any("\t" in line for line in added_lines), "Megatron-LM indents with spaces"
+
+
+def test_names_the_patch_imports_exist_in_the_package(added_lines):
+    imported = [re.fullmatch(r"from (megatron_null_moe[\w.]*) import (.+)", line.strip())
+                for line in added_lines if line.startswith("from megatron_null_moe")]
+    assert imported and all(imported)
+    names = set()
+    for match in imported:
+        module = importlib.import_module(match[1])
+        for name in (part.strip() for part in match[2].split(",")):
+            assert hasattr(module, name), f"{match[1]} has no {name}"
+            names.add(name)
+    assert {"add_null_expert_args", "null_expert_config_from_args",
+            "null_expert_layer_spec"} <= names
+
+
+def test_layer_spec_partial_fits_megatrons_builder_call():
+    """Megatron calls transformer_layer_spec(config, vp_stage=...) when the callable takes it."""
+    from megatron_null_moe.config import NullExpertConfig
+    from megatron_null_moe.pretrain_gpt import null_expert_layer_spec
+
+    spec = functools.partial(null_expert_layer_spec, null_config=NullExpertConfig(0.5))
+    parameters = inspect.signature(spec).parameters
+    assert "vp_stage" in parameters
+    inspect.signature(spec).bind(object(), vp_stage=None)
+
+
+def _megatron_lm_git_dir():
+    repo = os.environ.get("MEGATRON_LM_REPO")
+    if not repo:
+        pytest.skip("set MEGATRON_LM_REPO to a Megatron-LM clone to apply the patch to it")
+    found = subprocess.run(["git", "-C", repo, "rev-parse", "--absolute-git-dir"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.fail(f"MEGATRON_LM_REPO={repo} is not a git repository: {found.stderr}")
+    return found.stdout.strip()
+
+
+def test_patch_applies_to_megatron_lm_core_v0_19_0(tmp_path):
+    git_dir = _megatron_lm_git_dir()
+    git = ["git", "--git-dir", git_dir]
+    # A private index: the clone's own index, work tree and HEAD stay untouched.
+    env = dict(os.environ, GIT_INDEX_FILE=str(tmp_path / "index"))
+    subprocess.run([*git, "read-tree", MEGATRON_LM_TAG], env=env, check=True)
+    checked = subprocess.run([*git, "apply", "--cached", "--check", str(PATCH)], env=env,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+    original = subprocess.run([*git, "show", f"{MEGATRON_LM_TAG}:{TARGET}"], check=True,
+                              capture_output=True, text=True).stdout
+    work = tmp_path / "tree"
+    work.mkdir()
+    (work / TARGET).write_text(original)
+    applied = subprocess.run(["git", "apply", str(PATCH)], cwd=work, capture_output=True,
+                             text=True, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
+    assert applied.returncode == 0, applied.stderr
+    patched = (work / TARGET).read_text()
+    compile(patched, TARGET, "exec")
+    assert patched.count("add_null_expert_args") >= 2 and "null_expert_layer_spec" in patched
