@@ -191,25 +191,12 @@ def table(rows):
 def main(argv=None):
     args = parse_arguments(argv)
     warnings.filterwarnings("ignore")
-    if args.preset == "cpu-smoke":
-        from megatron_null_moe.cpu import cpu_harness, destroy_cpu_parallel_state, init_cpu_parallel_state
+    from megatron_null_moe.process_groups import single_process_parallel_state
 
+    on_cpu = args.preset == "cpu-smoke"
+    if on_cpu:
         torch.set_num_threads(1)
-        with cpu_harness():
-            init_cpu_parallel_state()
-            try:
-                rows = benchmark(args)
-            finally:
-                destroy_cpu_parallel_state()
-    else:
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29555",
-                                             rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
-        model_parallel_cuda_manual_seed(0)
+    with single_process_parallel_state("cpu" if on_cpu else "cuda"):
         rows = benchmark(args)
     meta = {"preset": args.preset, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

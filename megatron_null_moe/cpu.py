@@ -27,7 +27,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import socket
 import sys
 import time
 import traceback
@@ -44,6 +43,8 @@ import megatron.core.tensor_parallel.random as tensor_parallel_random
 import megatron.core.transformer.moe.moe_logging as moe_logging
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+from megatron_null_moe.process_groups import free_port
 
 _CPU = torch.device("cpu")
 _TORCH_CUDA_OWNERS = (torch.cuda, torch.cuda.random)
@@ -426,12 +427,6 @@ def destroy_cpu_parallel_state() -> None:
         _owned_process_group = False
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _environment(**values: str) -> Iterator[None]:
     """Set environment variables for processes started inside; restore them after."""
@@ -500,7 +495,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 300, *
     if world_size < 1:
         raise ValueError(f"run_on_ranks needs world_size >= 1, got {world_size}")
     context = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     connections, processes, results = [], [], None
     environment = dict(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),

@@ -16,11 +16,11 @@ harness is entered (gloo).
 import contextlib
 import copy
 import os
-import socket
 from typing import Dict, Optional
 
 import torch
 
+from megatron_null_moe.process_groups import free_port
 from megatron_null_moe.router import NullExpertRouter
 
 
@@ -159,9 +159,7 @@ def single_process_environment() -> None:
     """The variables torchrun would set, for a plain ``python -m`` single-process run."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
         os.environ.setdefault(name, value)

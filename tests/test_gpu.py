@@ -17,21 +17,10 @@ HIDDEN, FFN, EXPERTS, TOPK = 256, 512, 8, 4
 
 @pytest.fixture(scope="module")
 def cuda_parallel_state():
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron_null_moe.process_groups import single_process_parallel_state
 
-    created = not torch.distributed.is_initialized()
-    if created:
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group(
-            "nccl", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1
-        )
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(123)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        torch.distributed.destroy_process_group()
+    with single_process_parallel_state("cuda", seed=123):
+        yield
 
 
 def _grouped_layer(**overrides):

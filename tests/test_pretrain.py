@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_null_moe.process_groups import free_port
+
 TINY_GPT = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
     "--seq-length", "64", "--max-position-embeddings", "64",
@@ -30,7 +32,7 @@ def run_pretrain(log_dir: Path, *extra: str, nproc: int = 1) -> str:
         command = [sys.executable, *module]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                   str(nproc), "--master-port", str(_free_port()), *module]
+                   str(nproc), "--master-port", str(free_port()), *module]
     environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                        PYTHONWARNINGS="ignore")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
@@ -39,14 +41,6 @@ def run_pretrain(log_dir: Path, *extra: str, nproc: int = 1) -> str:
     (log_dir / "output.txt").write_text(output)
     assert result.returncode == 0, output[-4000:]
     return output
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def scalars(log_dir: Path) -> dict:

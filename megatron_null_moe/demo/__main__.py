@@ -5,8 +5,6 @@ report.md (with PNG plots), summary.json, runs.json and TensorBoard logs to --ou
 """
 
 import argparse
-import contextlib
-import socket
 import sys
 import time
 import warnings
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_null_moe.demo.train import DemoModel, RoutingSetup, train_run
+from megatron_null_moe.process_groups import single_process_parallel_state
 
 DEFAULT_CONFIGS = ["K2_1.0", "K4_0.5", "K4_1.0", "K8_0.5"]
 
@@ -50,42 +49,6 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def megatron_process_groups(device: str):
-    """Megatron's process groups for one process: gloo through the CPU harness, or NCCL."""
-    from megatron.core import parallel_state
-
-    if device == "cpu":
-        from megatron_null_moe.cpu import (
-            cpu_harness,
-            destroy_cpu_parallel_state,
-            init_cpu_parallel_state,
-        )
-
-        with cpu_harness():
-            init_cpu_parallel_state()
-            try:
-                yield
-            finally:
-                destroy_cpu_parallel_state()
-        return
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
-    try:
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-
-
 class ProgressBar:
     """One line on stderr: done/total steps, the run in progress, time left."""
 
@@ -118,7 +81,7 @@ def main(argv=None) -> dict:
     results = {}
     from torch.utils.tensorboard import SummaryWriter
 
-    with megatron_process_groups(args.device), \
+    with single_process_parallel_state(args.device), \
             SummaryWriter(str(args.output / "tensorboard")) as writer:
         for setup in args.setups:
             for seed in args.seeds:
