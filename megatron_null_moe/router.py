@@ -103,15 +103,14 @@ class NullExpertRouter(TopKRouter):
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """[S, B, G] logits: N real logits, then the null logit when M > 0."""
+        if self.weight.device != input.device:
+            # Upstream moves router weights to CUDA here; follow the input instead (CPU too).
+            self._move_parameters_to(input.device)
         weight, bias = self.weight, self.bias
         if self.null_weight is not None:
             weight = torch.cat([weight, self.null_weight], dim=0)
             if bias is not None:
                 bias = torch.cat([bias, self.null_bias], dim=0)
-        if weight.device != input.device:
-            # Upstream moves router weights to CUDA here; follow the input instead (CPU too).
-            self._move_parameters_to(input.device)
-            return self.gating(input)
         router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
         return router_gating_linear(input, weight, bias, router_dtype)
 
