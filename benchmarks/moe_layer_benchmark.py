@@ -12,6 +12,7 @@ JSON. Ratios are the result; absolute times only compare within one run.
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -132,42 +133,47 @@ def count_syncs(step, on_gpu):
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
+def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_gpu):
+    """One configuration's row; its layer is freed when this returns."""
+    name, topk, rho, implementation = config_row
+    layer, config = build_layer(shape, topk, rho, implementation, precision, on_gpu)
+    context = contextlib.nullcontext
+    if precision == "fp8":
+        from megatron.core.fp8_utils import get_fp8_context
+
+        context = functools.partial(get_fp8_context, config)
+    x = hidden.clone().requires_grad_(True)
+
+    def layer_step():
+        with context():
+            output, _ = layer(x)
+        output.backward(grad)
+
+    def router_step():
+        probs, _ = layer.router(x)
+        probs.float().sum().backward()
+
+    return {
+        "precision": precision, "tokens": hidden.shape[0], "config": name,
+        "layer_ms": timer.measure(layer_step, args.warmup, args.repeats),
+        "router_ms": timer.measure(router_step, args.warmup, args.repeats),
+        "syncs_per_step": count_syncs(layer_step, on_gpu),
+    }
+
+
 def benchmark(args):
     on_gpu = args.preset != "cpu-smoke"
     shape = PRESETS[args.preset]
     timer = Timer(on_gpu)
+    device = "cuda" if on_gpu else "cpu"
     rows = []
     for precision in shape["precisions"]:
-        context = contextlib.nullcontext
+        dtype = torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32
         for tokens in shape["tokens"]:
-            dtype = torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32
-            device = "cuda" if on_gpu else "cpu"
             hidden = torch.randn(tokens, 1, shape["hidden"], device=device, dtype=dtype)
             grad = torch.randn_like(hidden)
-            for name, topk, rho, implementation in CONFIGS:
-                layer, config = build_layer(shape, topk, rho, implementation, precision, on_gpu)
-                if precision == "fp8":
-                    from megatron.core.fp8_utils import get_fp8_context
-
-                    context = lambda: get_fp8_context(config)  # noqa: E731
-                x = hidden.clone().requires_grad_(True)
-
-                def layer_step():
-                    with context():
-                        output, _ = layer(x)
-                    output.backward(grad)
-
-                def router_step():
-                    probs, _ = layer.router(x)
-                    probs.float().sum().backward()
-
-                rows.append({
-                    "precision": precision, "tokens": tokens, "config": name,
-                    "layer_ms": timer.measure(layer_step, args.warmup, args.repeats),
-                    "router_ms": timer.measure(router_step, args.warmup, args.repeats),
-                    "syncs_per_step": count_syncs(layer_step, on_gpu),
-                })
-                del layer
+            rows += [measure_config(shape, config_row, precision, hidden, grad, timer, args, on_gpu)
+                     for config_row in CONFIGS]
     for row in rows:
         same = [r for r in rows if (r["precision"], r["tokens"]) == (row["precision"], row["tokens"])]
         for reference in ("upstream K4 rho=1", "upstream K8 rho=1"):

@@ -43,6 +43,11 @@ class RoutingStatistics:
         return self.real_slots / max(self.num_tokens * self.topk, 1)
 
     @property
+    def mean_real_experts(self) -> float:
+        """Real experts per token: rho * K measured (0 when no token was seen)."""
+        return self.real_slots / max(self.num_tokens, 1)
+
+    @property
     def null_fraction(self) -> float:
         return 1.0 - self.real_fraction if self.num_tokens else 0.0
 
@@ -69,7 +74,7 @@ class RoutingStatistics:
             "null_fraction": self.null_fraction,
             "target_null_fraction": self.target_null_fraction,
             "zero_real_fraction": self.zero_real_fraction,
-            "mean_real_experts": self.real_fraction * self.topk,
+            "mean_real_experts": self.mean_real_experts,
         }
         for r, share in enumerate(self.real_experts_distribution):
             scalars[f"tokens_with_{r}_real"] = share

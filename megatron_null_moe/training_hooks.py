@@ -20,6 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_null_moe.metrics import RoutingStatistics
 from megatron_null_moe.process_groups import free_port
 from megatron_null_moe.router import NullExpertRouter
 
@@ -64,13 +65,15 @@ class NullExpertMonitor:
         self.histogram, self._iteration = histogram.cpu(), args.curr_iteration
         return self.histogram
 
+    def iteration_statistics(self, args) -> RoutingStatistics:
+        """This iteration's statistics over all MoE layers and ranks."""
+        target = (self.expected_real_experts or args.moe_router_topk) / args.moe_router_topk
+        return RoutingStatistics.from_histogram(self.iteration_histogram(args).sum(dim=0), target)
+
     def mean_real_experts(self, args) -> Optional[float]:
         """Measured real experts per token over all MoE layers this iteration (None: none)."""
-        histogram = self.iteration_histogram(args).sum(dim=0).double()
-        tokens = histogram.sum()
-        if tokens == 0:
-            return None
-        return float((histogram * torch.arange(len(histogram))).sum() / tokens)
+        statistics = self.iteration_statistics(args)
+        return statistics.mean_real_experts if statistics.num_tokens else None
 
 
 def null_expert_flops(original, measure_real_experts):
@@ -93,14 +96,11 @@ def null_expert_flops(original, measure_real_experts):
 def layer_scalars(histogram_layers: torch.Tensor) -> Dict[int, Dict[str, float]]:
     """Per MoE layer (1-based) that routed tokens: real fraction and zero-real fraction."""
     scalars = {}
-    topk = histogram_layers.shape[1] - 1
-    for index, histogram in enumerate(histogram_layers.double()):
-        tokens = histogram.sum()
-        if tokens == 0:
-            continue
-        real = (histogram * torch.arange(topk + 1)).sum() / (tokens * topk)
-        scalars[index + 1] = {"real_fraction": float(real),
-                              "zero_real_fraction": float(histogram[0] / tokens)}
+    for index, histogram in enumerate(histogram_layers):
+        statistics = RoutingStatistics.from_histogram(histogram, target_real_fraction=1.0)
+        if statistics.num_tokens:
+            scalars[index + 1] = {"real_fraction": statistics.real_fraction,
+                                  "zero_real_fraction": statistics.zero_real_fraction}
     return scalars
 
 
@@ -111,23 +111,20 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
         from megatron.training import get_args, get_tensorboard_writer
 
         args = get_args()
-        histogram = monitor.iteration_histogram(args)
-        totals = histogram.sum(dim=0).double()
-        tokens = float(totals.sum())
-        if tokens > 0:
-            mean_real = float((totals * torch.arange(len(totals))).sum()) / tokens
+        statistics = monitor.iteration_statistics(args)
+        if statistics.num_tokens:
             device = next(iter(loss_dict.values())).device if loss_dict else "cpu"
             loss_dict = dict(loss_dict)
-            for key, value in (("null real experts/token", mean_real),
+            for key, value in (("null real experts/token", statistics.mean_real_experts),
                                ("null expected real experts/token",
                                 monitor.expected_real_experts),
-                               ("null real fraction", mean_real / args.moe_router_topk),
-                               ("null zero-real tokens", float(totals[0]) / tokens)):
+                               ("null real fraction", statistics.real_fraction),
+                               ("null zero-real tokens", statistics.zero_real_fraction)):
                 loss_dict[key] = torch.tensor([value], device=device)
         report = original(loss_dict, total_loss_dict, learning_rate, iteration, *more, **kwargs)
         writer = get_tensorboard_writer()
         if writer is not None and iteration % args.log_interval == 0:
-            for layer, values in layer_scalars(histogram).items():
+            for layer, values in layer_scalars(monitor.iteration_histogram(args)).items():
                 for name, value in values.items():
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         return report

@@ -2,8 +2,6 @@
 
 import re
 
-import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 

@@ -113,18 +113,6 @@ def _forward_loss(gpt, batch: data.Batch, device):
     return (losses.float() * mask).sum() / mask.sum()
 
 
-def _histograms(statistics) -> List[List[List[int]]]:
-    """[layer][type][r] from pop_layer_statistics(by_type=True)."""
-    return [[list(s.real_experts_histogram) for s in statistics[layer]]
-            for layer in sorted(statistics)]
-
-
-def _real_fraction(histogram: List[int]) -> float:
-    tokens = sum(histogram)
-    topk = len(histogram) - 1
-    return sum(r * n for r, n in enumerate(histogram)) / (tokens * topk) if tokens else float("nan")
-
-
 def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel,
               device: torch.device, on_step: Optional[Callable[[], None]] = None,
               eval_samples: int = 256, log_writer=None) -> RunResult:
@@ -150,17 +138,18 @@ def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel
         for module in gpt.modules():  # Megatron's finalize_model_grads does this per step
             if hasattr(module, "reset_global_aux_loss_tracker"):
                 module.reset_global_aux_loss_tracker()
-        histograms = _histograms(pop_layer_statistics(gpt, by_type=True))
-        real_slots = sum(r * n for layer in histograms for row in layer for r, n in enumerate(row))
-        tokens = sum(n for layer in histograms for row in layer for n in row)
+        by_layer = pop_layer_statistics(gpt, by_type=True)  # layer -> [per token type]
+        layers = [by_layer[layer] for layer in sorted(by_layer)]
+        real_slots = sum(s.real_slots for layer in layers for s in layer)
+        tokens = sum(s.num_tokens for layer in layers for s in layer)
         flops += real_slots * model_shape.expert_flops_per_token
         expected += tokens * setup.expected_real_experts * model_shape.expert_flops_per_token
         result.steps.append(step)
         result.train_loss.append(float(loss))
         result.expert_flops.append(flops)
         result.expected_expert_flops.append(expected)
-        result.real_fraction.append([[_real_fraction(row) for row in layer]
-                                     for layer in histograms])
+        result.real_fraction.append([[s.real_fraction if s.num_tokens else float("nan")
+                                      for s in layer] for layer in layers])
         if log_writer is not None:
             log_writer.add_scalar(f"{setup.name}/seed{seed}/train_loss", float(loss), step)
             for layer, fractions in enumerate(result.real_fraction[-1], start=1):
