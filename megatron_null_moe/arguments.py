@@ -7,31 +7,46 @@ combinations and returns the ``NullExpertConfig`` (None when null experts are of
 
 import argparse
 import logging
+import os
+import re
 from typing import Optional
 
-from megatron_null_moe.config import NUM_NULL_FLAG, RHO_FLAG, NullExpertConfig
+from megatron_null_moe.budget import DEFAULT_RATE
+from megatron_null_moe.config import (
+    BUDGET_RATE_FLAG,
+    NUM_NULL_FLAG,
+    RHO_FLAG,
+    NullExpertConfig,
+)
+from megatron_null_moe.dispatcher import warn_allgather_saves_no_communication
 
 logger = logging.getLogger(__name__)
 
 BALANCE_SCOPE_FLAG = "--moe-null-balance-scope"
+BUDGET_CONTROLLER_FLAG = "--moe-null-budget-controller"
 # Balance-loss scope -> Megatron's --moe-router-load-balancing-type.
 BALANCE_SCOPES = {"micro-batch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
 
 
 def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The plugin's flags; also makes Megatron's own --help printable."""
+    _escape_bare_percent_signs(parser)
     group = parser.add_argument_group(title="null experts (megatron-null-moe)")
     group.add_argument(
         RHO_FLAG, type=float, default=None, metavar="RHO",
         help="Turn on zero-compute null experts. RHO is the target fraction of each token's "
-             "--moe-router-topk slots that go to real experts, in (0, 1]: a token uses "
-             "between 0 and K real experts, RHO*K on average (K8 with RHO 0.5 costs the "
-             "expert FLOPs of K4). 1 means no null experts. The router pool gets "
-             "M = N(1-RHO)/RHO null copies, N = --num-experts; M must be whole.",
+             "--moe-router-topk slots that go to real experts, in (0, 1]: RHO*K real "
+             "experts per token on average (K8 with RHO 0.5 costs the expert FLOPs of K4), "
+             "each token between max(0, K-M) and min(K, N). 1 means no null experts. The "
+             "router pool gets M = N(1-RHO)/RHO null copies, N = --num-experts; M must be "
+             "whole. Something must hold the budget: the balance loss (--moe-aux-loss-coeff, "
+             f"paper 2e-2) or {BUDGET_CONTROLLER_FLAG}.",
     )
     group.add_argument(
         NUM_NULL_FLAG, type=int, default=None, metavar="M",
-        help=f"Number of null copies M in the routing pool, overriding the one derived from "
-             f"{RHO_FLAG}; the balance loss then aims at a real fraction of N/(N+M).",
+        help=f"Number of null copies M in the routing pool, when N(1-RHO)/RHO is not whole: "
+             f"that number rounded down or up (other values contradict {RHO_FLAG} and are "
+             f"refused); the target real fraction becomes N/(N+M).",
     )
     group.add_argument(
         BALANCE_SCOPE_FLAG, choices=sorted(BALANCE_SCOPES), default=None,
@@ -40,37 +55,85 @@ def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
              "parallel ranks and gradient-accumulation steps). Sets "
              "--moe-router-load-balancing-type; default: keep that flag's value.",
     )
+    group.add_argument(
+        BUDGET_CONTROLLER_FLAG, action="store_true",
+        help="Hold every MoE layer's realised real fraction at the target: a selection-only "
+             "bias on the null logit per layer (it changes which slots are chosen, never the "
+             "weights or the losses), updated after each optimizer step from the global "
+             "batch's real fraction of that layer by a proportional-integral rule. Works with "
+             "the balance loss, which still spreads the load over the real experts. Off: the "
+             "paper's routing.",
+    )
+    group.add_argument(
+        BUDGET_RATE_FLAG, type=float, default=None, metavar="RATE",
+        help=f"The budget controller's rate: logits of null bias per unit of real-fraction "
+             f"error and step (default {DEFAULT_RATE:g}). Needs {BUDGET_CONTROLLER_FLAG}.",
+    )
     return parser
+
+
+def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
+    # megatron-core 0.19.2 has a help text with a bare '%' ("= 10%)") that makes argparse's
+    # --help crash, in the entry point and in Megatron-LM's own pretrain_gpt.py alike.
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%%|%\(|%", lambda m: m[0] if len(m[0]) == 2 else "%%",
+                                 action.help)
 
 
 def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExpertConfig]:
     """The NullExpertConfig the flags ask for, or None; applies the balance scope to ``args``.
 
-    Raises ValueError naming the flags for combinations that cannot work.
+    Raises ValueError naming the flags for combinations that cannot work; warns (rank 0)
+    where nothing would hold the budget.
     """
     rho = getattr(args, "moe_null_expert_rho", None)
     copies = getattr(args, "moe_num_null_experts", None)
     scope = getattr(args, "moe_null_balance_scope", None)
+    controller = getattr(args, "moe_null_budget_controller", False)
+    rate = getattr(args, "moe_null_budget_rate", None)
+    if rate is not None and not controller:
+        raise ValueError(f"{BUDGET_RATE_FLAG} needs {BUDGET_CONTROLLER_FLAG}.")
     if rho is None:
-        if copies is not None or scope is not None:
+        if copies is not None or scope is not None or controller:
             raise ValueError(
-                f"{NUM_NULL_FLAG} and {BALANCE_SCOPE_FLAG} need {RHO_FLAG} (null experts are "
-                f"off without it)."
+                f"{NUM_NULL_FLAG}, {BALANCE_SCOPE_FLAG} and {BUDGET_CONTROLLER_FLAG} need "
+                f"{RHO_FLAG} (null experts are off without it)."
             )
         return None
     if not args.num_experts:
         raise ValueError(f"{RHO_FLAG} needs an MoE model: set --num-experts.")
-    null_config = NullExpertConfig(real_fraction=rho, num_null_copies=copies)
-    null_config.null_copies_for(args.num_experts)  # fractional M fails here, at start-up
+    null_config = NullExpertConfig(
+        real_fraction=rho, num_null_copies=copies,
+        budget_control_rate=(rate if rate is not None else DEFAULT_RATE) if controller else None,
+    )
+    # Fractional or contradicting M fails here, at start-up.
+    holds_budget = null_config.null_copies_for(args.num_experts) == 0 or controller
     if scope is not None:
         _apply_balance_scope(args, scope)
+    if not holds_budget and not _balance_loss_on(args):
+        _warn_on_rank_0(
+            f"{RHO_FLAG} {rho} with no balance loss (--moe-aux-loss-coeff "
+            f"{args.moe_aux_loss_coeff}, --moe-router-load-balancing-type "
+            f"{args.moe_router_load_balancing_type}) and no {BUDGET_CONTROLLER_FLAG}: nothing "
+            f"pulls the real fraction towards the target, so the expert FLOPs are not held. "
+            f"Set --moe-aux-loss-coeff (paper: 2e-2) or add {BUDGET_CONTROLLER_FLAG}.")
     if args.moe_token_dispatcher_type == "allgather":
-        logger.warning(
-            "%s with --moe-token-dispatcher-type allgather: expert FLOPs are saved but every "
-            "token is still gathered, so null slots save no communication; use alltoall or "
-            "flex.", RHO_FLAG,
-        )
+        warn_allgather_saves_no_communication()
     return null_config
+
+
+def _balance_loss_on(args: argparse.Namespace) -> bool:
+    coefficients, types = args.moe_aux_loss_coeff, args.moe_router_load_balancing_type
+    coefficients = coefficients if isinstance(coefficients, list) else [coefficients]
+    types = types if isinstance(types, list) else [types]
+    return any(t != "none" for t in types) and any((c or 0) > 0 for c in coefficients)
+
+
+def _warn_on_rank_0(message: str) -> None:
+    # Parsing comes before torch.distributed exists: torchrun's RANK says who speaks.
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.warning(message)
 
 
 def _apply_balance_scope(args: argparse.Namespace, scope: str) -> None:

@@ -4,14 +4,16 @@ One object, validated once at build time against Megatron's ``TransformerConfig`
 refusal is a ``ValueError`` naming the setting, its launch flag, the value and what is allowed.
 """
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 RHO_FLAG = "--moe-null-expert-rho"
 NUM_NULL_FLAG = "--moe-num-null-experts"
+BUDGET_RATE_FLAG = "--moe-null-budget-rate"
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,15 @@ class NullExpertConfig:
     real_fraction: rho in the paper, the target fraction of the K slots that go to real
         experts, in (0, 1]. rho = 1 means no null experts.
     num_null_copies: M in the paper, the number of null copies in the routing pool. When
-        None it is derived as M = N (1 - rho) / rho, which must be a whole number.
+        None it is derived as M = N (1 - rho) / rho, which must be a whole number; when given
+        with rho < 1 it must be that number rounded down or up (the target becomes N/(N+M)).
+    budget_control_rate: the budget controller's rate (budget.py), or None for the paper's
+        routing, where only the balance loss pulls the real fraction towards its target.
     """
 
     real_fraction: float = 1.0
     num_null_copies: Optional[int] = None
+    budget_control_rate: Optional[float] = None
 
     def __post_init__(self):
         rho = self.real_fraction
@@ -40,14 +46,30 @@ class NullExpertConfig:
                 f"num_null_copies ({NUM_NULL_FLAG}) must be a whole number >= 0 or unset; "
                 f"got {m!r}."
             )
+        rate = self.budget_control_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0.0 < rate < math.inf):
+            raise ValueError(
+                f"budget_control_rate ({BUDGET_RATE_FLAG}) must be a positive finite number "
+                f"or unset; got {rate!r}."
+            )
 
     def null_copies_for(self, num_experts: int) -> int:
-        """M for N = num_experts real experts: explicit, or N (1 - rho) / rho exactly."""
-        if self.num_null_copies is not None:
-            return self.num_null_copies
+        """M for N = num_experts real experts: N (1 - rho) / rho exactly, or the explicit M
+        when it is that number rounded (refused when it contradicts rho)."""
         # Fraction of the decimal rho the user typed (0.3 -> 3/10), not of its binary float.
         rho = Fraction(str(self.real_fraction))
         copies = num_experts * (1 - rho) / rho
+        if self.num_null_copies is not None:
+            allowed = sorted({math.floor(copies), math.ceil(copies)})
+            if self.num_null_copies not in allowed:
+                raise ValueError(
+                    f"{NUM_NULL_FLAG}={self.num_null_copies} contradicts {RHO_FLAG}="
+                    f"{self.real_fraction} with {num_experts} experts: M = N(1-rho)/rho = "
+                    f"{float(copies):.4g}; allowed: {' or '.join(map(str, allowed))} (the "
+                    f"target real fraction becomes N/(N+M)), or leave {NUM_NULL_FLAG} unset."
+                )
+            return self.num_null_copies
         if copies.denominator != 1:
             lower, upper = int(copies), int(copies) + 1
             raise ValueError(
@@ -60,8 +82,14 @@ class NullExpertConfig:
         return int(copies)
 
     def pool_real_fraction(self, num_experts: int) -> float:
-        """N / (N + M): the real fraction the balance loss drives the router towards."""
+        """N / (N + M): the target real fraction, that the balance loss drives the router
+        towards and the budget controller holds (rho itself unless M was rounded)."""
         return num_experts / (num_experts + self.null_copies_for(num_experts))
+
+    def real_experts_range(self, num_experts: int, topk: int) -> Tuple[int, int]:
+        """(fewest, most) real experts a token can use: max(0, K - M) and min(K, N)."""
+        copies = self.null_copies_for(num_experts)
+        return max(0, topk - copies), min(topk, num_experts)
 
 
 def _refuse(setting: str, flag: str, value, allowed: str, why: str) -> None:
@@ -117,6 +145,23 @@ def validate_for_transformer_config(null_config: NullExpertConfig, config: Trans
         _refuse("moe_token_dispatcher_type", "--moe-token-dispatcher-type",
                 config.moe_token_dispatcher_type, "'alltoall', 'flex', 'allgather'", "")
     return copies
+
+
+# TransformerConfig fields validate_for_transformer_config reads: a router compares them at
+# each forward and validates again when one changed after it was built.
+VALIDATED_SETTINGS = (
+    "num_moe_experts", "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+    "moe_router_fusion", "moe_enable_routing_replay", "moe_router_force_biased",
+    "moe_router_load_balancing_type", "moe_pad_expert_input_to_capacity",
+    "moe_token_dispatcher_type",
+)
+
+
+def validated_settings(config: TransformerConfig) -> tuple:
+    """The values of VALIDATED_SETTINGS, lists as tuples (a copy, safe from in-place edits)."""
+    values = (getattr(config, name) for name in VALIDATED_SETTINGS)
+    return tuple(tuple(v) if isinstance(v, list) else v for v in values)
 
 
 _SUPPORTED_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")

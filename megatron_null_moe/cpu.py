@@ -16,22 +16,16 @@ the last exit restores. The CUDA-to-CPU device mode (item 3) covers the thread t
         ...  # build and run Megatron modules
         destroy_cpu_parallel_state()
 
-    results = run_on_ranks(module_level_fn, 2)  # fn(rank, world_size) in 2 gloo processes
+Several gloo processes: ``megatron_null_moe.cpu_ranks.run_on_ranks``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import multiprocessing
-import multiprocessing.connection
-import os
-import pickle
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -43,8 +37,6 @@ import megatron.core.tensor_parallel.random as tensor_parallel_random
 import megatron.core.transformer.moe.moe_logging as moe_logging
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
-
-from megatron_null_moe.process_groups import free_port
 
 _CPU = torch.device("cpu")
 _TORCH_CUDA_OWNERS = (torch.cuda, torch.cuda.random)
@@ -229,19 +221,60 @@ def _clip_without_cuda_assert(original: Callable) -> Callable:
     return clip
 
 
-def _get_device_rng_state(device="cuda") -> torch.Tensor:
-    return torch.default_generator.get_state()
+class _DeviceGenerator:
+    """The CUDA default generator's stand-in: a generator state of its own.
+
+    On a GPU, dropout draws from the CUDA generator while the host's (data loaders, dataset
+    shuffling) draw from the CPU one, so a checkpoint's CUDA RNG state resumes the model's
+    random stream exactly. On the CPU every op draws from the CPU default generator; the
+    harness therefore runs Megatron's training step and evaluation inside ``drawing()``,
+    which swaps this state in, and ``torch.cuda.get_rng_state``/``set_rng_state``/
+    ``manual_seed`` read and write it.
+    """
+
+    def __init__(self):
+        self._state = torch.Generator().get_state()
+        self._drawing = False
+
+    def get_state(self, device="cuda") -> torch.Tensor:
+        return torch.default_generator.get_state() if self._drawing else self._state.clone()
+
+    def set_state(self, new_state: torch.Tensor, device="cuda", graph_safe=False) -> None:
+        if self._drawing:
+            torch.default_generator.set_state(new_state)
+        else:
+            self._state = new_state.clone()
+
+    def manual_seed(self, seed: int) -> None:
+        self.set_state(torch.Generator().manual_seed(int(seed)).get_state())
+
+    @contextlib.contextmanager
+    def drawing(self):
+        """Random ops inside draw from this generator instead of the CPU default one."""
+        if self._drawing:
+            yield
+            return
+        host_state = torch.default_generator.get_state()
+        torch.default_generator.set_state(self._state)
+        self._drawing = True
+        try:
+            yield
+        finally:
+            self._drawing = False
+            self._state = torch.default_generator.get_state()
+            torch.default_generator.set_state(host_state)
 
 
-def _set_device_rng_state(new_state: torch.Tensor, device="cuda") -> None:
-    torch.default_generator.set_state(new_state)
+def _drawing_from(generator: _DeviceGenerator, function: Callable) -> Callable:
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        with generator.drawing():
+            return function(*args, **kwargs)
+
+    return call
 
 
-def _seed_device(seed: int) -> None:
-    torch.default_generator.manual_seed(int(seed))
-
-
-def _torch_cuda_stand_ins() -> dict[str, Any]:
+def _torch_cuda_stand_ins(generator: _DeviceGenerator) -> dict[str, Any]:
     default_stream = _Stream()
     return {
         "synchronize": lambda device=None: None,
@@ -259,19 +292,20 @@ def _torch_cuda_stand_ins() -> dict[str, Any]:
         "current_stream": lambda device=None: default_stream,
         "default_stream": lambda device=None: default_stream,
         "stream": contextlib.nullcontext,
-        # On the CPU the device generator is the CPU generator that every random op draws from.
-        "get_rng_state": _get_device_rng_state,
-        "set_rng_state": _set_device_rng_state,
-        "manual_seed": _seed_device,
-        "manual_seed_all": _seed_device,
+        "get_rng_state": generator.get_state,
+        "set_rng_state": generator.set_state,
+        "manual_seed": generator.manual_seed,
+        "manual_seed_all": generator.manual_seed,
     }
 
 
 def _install() -> list[Undo]:
     import megatron.training.initialize as training_initialize
+    import megatron.training.training as training
     import megatron.training.utils.common_utils as training_utils
 
     undo: list[Undo] = []
+    generator = CPUHarness.device_generator = _DeviceGenerator()
     # Item 3: CUDA device arguments and .cuda() land on the CPU.
     mode = _CUDAToCPU()
     mode.__enter__()
@@ -283,7 +317,7 @@ def _install() -> list[Undo]:
     undo.append(_set_attribute(torch.Tensor, "cuda", lambda self, *args, **kwargs: self))
     undo.append(_set_attribute(torch.nn.Module, "cuda", lambda self, device=None: self))
     # Item 4: plain torch.cuda calls, also where Megatron reaches them via torch.cuda.random.
-    for name, stand_in in _torch_cuda_stand_ins().items():
+    for name, stand_in in _torch_cuda_stand_ins(generator).items():
         for owner in _TORCH_CUDA_OWNERS:
             if name in vars(owner):
                 undo.append(_set_attribute(owner, name, stand_in))
@@ -327,6 +361,11 @@ def _install() -> list[Undo]:
                 ),
                 # Item 9: no device architecture on the CPU.
                 (training_utils.get_device_arch_version, lambda: 0),
+                # Item 5 (resume): what a GPU draws from the CUDA generator draws from the
+                # harness's device generator; activation recompute restores it.
+                (training.train_step, _drawing_from(generator, training.train_step)),
+                (training.evaluate, _drawing_from(generator, training.evaluate)),
+                (tensor_parallel_random._set_cuda_rng_state, generator.set_state),
             ]
         )
     )
@@ -342,6 +381,7 @@ class CPUHarness:
 
     _depth: ClassVar[int] = 0
     _undo: ClassVar[list[Undo]] = []
+    device_generator: ClassVar[_DeviceGenerator | None] = None
 
     def __init__(self, force: bool = False):
         self.force = force
@@ -374,6 +414,13 @@ def cpu_harness(force: bool = False) -> CPUHarness:
     return CPUHarness(force=force)
 
 
+def device_generator() -> _DeviceGenerator:
+    """The active harness's stand-in for the CUDA default generator."""
+    if not CPUHarness.is_active():
+        raise RuntimeError("device_generator() needs an active cpu_harness()")
+    return CPUHarness.device_generator
+
+
 _owned_process_group = False
 
 
@@ -387,7 +434,7 @@ def init_cpu_parallel_state(
 ) -> None:
     """Megatron's model-parallel groups and RNG states over gloo; call inside the harness.
 
-    Uses the process group already initialised (e.g. by ``run_on_ranks``), else creates a
+    Uses the process group already initialised (e.g. by ``cpu_ranks.run_on_ranks``), else creates a
     single-process gloo group that ``destroy_cpu_parallel_state`` later destroys.
     """
     global _owned_process_group
@@ -409,7 +456,9 @@ def init_cpu_parallel_state(
     except BaseException:
         destroy_cpu_parallel_state()
         raise
-    # Megatron's own seeding runs as is: the tracker and torch.cuda.manual_seed are stand-ins.
+    # As Megatron's _set_random_seed: the host generator, then the device generator and the
+    # tracker (stand-ins here) through Megatron's own seeding.
+    torch.manual_seed(seed)
     tensor_parallel_random.model_parallel_cuda_manual_seed(seed)
 
 
@@ -425,123 +474,3 @@ def destroy_cpu_parallel_state() -> None:
     if _owned_process_group:
         torch.distributed.destroy_process_group()
         _owned_process_group = False
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for processes started inside; restore them after."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
-def _run_rank(rank, world_size, port, timeout_s, fn, args, kwargs, connection) -> None:
-    """Body of one spawned rank: gloo group, harness, ``fn``; sends (ok, result or traceback)."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))  # read by Megatron's arguments
-    # Spawning made "spawn" this process's default; give DataLoader workers the platform's,
-    # as under torchrun (Megatron's worker_init_fn is a local function, which spawn can't pickle).
-    multiprocessing.set_start_method(None, force=True)
-    try:
-        torch.distributed.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        with cpu_harness():
-            result = fn(rank, world_size, *args, **kwargs)
-        # Pickled by value: torch's shared-memory tensor pickling needs this process alive.
-        connection.send_bytes(pickle.dumps((True, result)))
-    except BaseException:
-        connection.send_bytes(pickle.dumps((False, traceback.format_exc())))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        connection.close()
-
-
-def _stop(processes: list, grace_s: float) -> None:
-    """Join the processes, terminating (then killing) any still running after ``grace_s``."""
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 300, **kwargs) -> list:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` gloo CPU processes.
-
-    ``fn`` must be a module-level (picklable) function and its result picklable. Each rank runs
-    single-threaded with CUDA hidden, inside ``cpu_harness()``. Returns the results ordered by
-    rank. If a rank raises or dies, the others are terminated and a RuntimeError carrying that
-    rank's traceback is raised; after ``timeout_s`` seconds, a TimeoutError.
-    """
-    if world_size < 1:
-        raise ValueError(f"run_on_ranks needs world_size >= 1, got {world_size}")
-    context = torch.multiprocessing.get_context("spawn")
-    port = free_port()
-    connections, processes, results = [], [], None
-    environment = dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-        OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-    )
-    try:
-        with _environment(**environment):
-            for rank in range(world_size):
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(
-                    target=_run_rank,
-                    args=(rank, world_size, port, timeout_s, fn, args, kwargs, sender),
-                )
-                process.start()
-                sender.close()
-                connections.append(receiver)
-                processes.append(process)
-        results = _collect(connections, processes, timeout_s)
-    finally:
-        # Ranks that delivered a result get a moment to exit; after a failure, none.
-        _stop(processes, grace_s=10 if results is not None else 0)
-        for connection in connections:
-            connection.close()
-    return results
-
-
-def _collect(connections: list, processes: list, timeout_s: float) -> list:
-    """Per-rank results, or the first failure raised as soon as it is known."""
-    deadline = time.monotonic() + timeout_s
-    results: dict[int, Any] = {}
-    while len(results) < len(processes):
-        pending = [rank for rank in range(len(processes)) if rank not in results]
-        remaining = deadline - time.monotonic()
-        waitables = [connections[rank] for rank in pending]
-        waitables += [processes[rank].sentinel for rank in pending]
-        if remaining <= 0 or not multiprocessing.connection.wait(waitables, timeout=remaining):
-            raise TimeoutError(f"ranks {pending} did not finish within {timeout_s} s")
-        for rank in pending:
-            if connections[rank].poll():
-                ok, payload = pickle.loads(connections[rank].recv_bytes())
-                if not ok:
-                    raise RuntimeError(f"rank {rank} of {len(processes)} failed:\n{payload}")
-                results[rank] = payload
-            elif not processes[rank].is_alive():
-                raise RuntimeError(
-                    f"rank {rank} of {len(processes)} exited with code "
-                    f"{processes[rank].exitcode} without a result"
-                )
-    return [results[rank] for rank in range(len(processes))]

@@ -5,6 +5,7 @@ has between 0 and K, so each subclass overrides the one place that assumption li
 """
 
 import logging
+import os
 
 import torch
 
@@ -63,20 +64,31 @@ class NullAwareFlexTokenDispatcher(MoEFlexTokenDispatcher):
         return hidden_states, token_probs
 
 
+_allgather_warned = False
+
+
+def warn_allgather_saves_no_communication() -> None:
+    """Say once per process (printed by rank 0) that allgather sends every token."""
+    global _allgather_warned
+    if _allgather_warned:
+        return
+    _allgather_warned = True
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() \
+        else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        logger.warning(
+            "Null experts with --moe-token-dispatcher-type allgather: results are correct and "
+            "expert FLOPs are saved, but allgather gathers every token regardless of routing, "
+            "so null slots save no communication; use alltoall or flex."
+        )
+
+
 class NullAwareAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     """Allgather dispatcher: correct with null experts, but it gathers every token anyway."""
 
-    _warned = False
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not NullAwareAllGatherTokenDispatcher._warned:
-            NullAwareAllGatherTokenDispatcher._warned = True
-            logger.warning(
-                "Null experts with --moe-token-dispatcher-type allgather: results are correct "
-                "and expert FLOPs are saved, but allgather sends every token regardless of "
-                "routing, so no communication is saved; use alltoall or flex."
-            )
+        warn_allgather_saves_no_communication()
 
 
 NULL_AWARE_DISPATCHERS = {

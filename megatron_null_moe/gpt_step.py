@@ -13,6 +13,7 @@ import torch
 from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
 from megatron.training import get_args, get_timers, print_rank_0
@@ -74,10 +75,21 @@ def get_batch(data_iterator, vp_stage=None):
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed masked LM loss, its token count, and the report Megatron averages and logs."""
+    """Summed masked LM loss, its token count, and the report Megatron averages and logs.
+
+    With --check-for-nan-in-loss-and-grad (Megatron's default) a NaN or Inf loss stops the
+    run through Megatron's rerun state machine, as in Megatron-LM's pretrain_gpt.py; a
+    non-finite router input reaches the loss this way (see routing.route_with_null_experts).
+    """
     losses = output_tensor.view(-1).float()
     loss_mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * loss_mask)
+    if get_args().check_for_nan_in_loss_and_grad:
+        rerun_state_machine = get_rerun_state_machine()
+        for rejection, message in ((torch.isnan, "found NaN in local forward loss calculation"),
+                                   (torch.isinf, "found Inf in local forward loss calculation")):
+            rerun_state_machine.validate_result(result=loss, rejection_func=rejection,
+                                                message=message, tolerance=0.0, fatal=True)
     num_tokens = loss_mask.sum().clone().detach().to(torch.int)
     report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
     return loss, num_tokens, report

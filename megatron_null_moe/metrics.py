@@ -1,7 +1,9 @@
 """Per-layer routing statistics: how much real compute the null experts left each token.
 
-Everything derives from one histogram per layer, the number of tokens that used r real
-experts for r = 0..K, accumulated on the device by the router and read at logging time.
+Everything derives from one histogram per layer, the number of tokens whose routing chose r
+real experts for r = 0..K, and the number of chosen real assignments dropped over capacity
+(``--moe-expert-capacity-factor``), accumulated on the device by the router and read at
+logging time.
 """
 
 from dataclasses import dataclass
@@ -14,16 +16,20 @@ import torch
 class RoutingStatistics:
     """Routing statistics of one MoE layer over some tokens.
 
-    real_experts_histogram: tokens that used exactly r real experts, r = 0..K.
-    target_real_fraction: rho in the paper, the fraction of slots the balance loss aims at.
+    real_experts_histogram: tokens whose routing chose exactly r real experts, r = 0..K.
+    target_real_fraction: rho in the paper, the fraction of slots the budget aims at.
+    dropped_real_slots: chosen real assignments dropped over capacity (not computed).
     """
 
     real_experts_histogram: Tuple[int, ...]
     target_real_fraction: float
+    dropped_real_slots: int = 0
 
     @classmethod
-    def from_histogram(cls, histogram: torch.Tensor, target_real_fraction: float):
-        return cls(tuple(int(count) for count in histogram.tolist()), float(target_real_fraction))
+    def from_histogram(cls, histogram: torch.Tensor, target_real_fraction: float,
+                       dropped_real_slots: int = 0):
+        return cls(tuple(int(count) for count in histogram.tolist()), float(target_real_fraction),
+                   int(dropped_real_slots))
 
     @property
     def topk(self) -> int:
@@ -39,13 +45,29 @@ class RoutingStatistics:
 
     @property
     def real_fraction(self) -> float:
-        """Compute intensity: the fraction of the K slots that went to real experts."""
+        """Compute intensity: the fraction of the K slots the routing gave to real experts."""
         return self.real_slots / max(self.num_tokens * self.topk, 1)
 
     @property
     def mean_real_experts(self) -> float:
-        """Real experts per token: rho * K measured (0 when no token was seen)."""
+        """Real experts per token chosen by the routing: rho * K measured (0: no token)."""
         return self.real_slots / max(self.num_tokens, 1)
+
+    @property
+    def computed_real_slots(self) -> int:
+        """Real assignments the experts computed: chosen minus dropped over capacity."""
+        return self.real_slots - self.dropped_real_slots
+
+    @property
+    def mean_computed_experts(self) -> float:
+        """Expert computations per token, what FLOPs count (equals mean_real_experts unless
+        a capacity factor dropped some)."""
+        return self.computed_real_slots / max(self.num_tokens, 1)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Fraction of the chosen real assignments dropped over capacity."""
+        return self.dropped_real_slots / max(self.real_slots, 1)
 
     @property
     def null_fraction(self) -> float:
@@ -75,6 +97,7 @@ class RoutingStatistics:
             "target_null_fraction": self.target_null_fraction,
             "zero_real_fraction": self.zero_real_fraction,
             "mean_real_experts": self.mean_real_experts,
+            "dropped_fraction": self.dropped_fraction,
         }
         for r, share in enumerate(self.real_experts_distribution):
             scalars[f"tokens_with_{r}_real"] = share
@@ -85,14 +108,17 @@ class RoutingStatistics:
             raise ValueError(f"cannot merge statistics of top-{self.topk} and top-{other.topk}")
         summed = tuple(a + b for a, b in zip(self.real_experts_histogram,
                                              other.real_experts_histogram))
-        return RoutingStatistics(summed, self.target_real_fraction)
+        return RoutingStatistics(summed, self.target_real_fraction,
+                                 self.dropped_real_slots + other.dropped_real_slots)
 
 
-def _null_expert_routers(model: torch.nn.Module):
-    from megatron_null_moe.router import NullExpertRouter
+def null_expert_routers(model: torch.nn.Module):
+    """(layer number, router) for every null-expert router in ``model``.
 
+    Found by what they offer (pop_routing_statistics), so this module needs no router import.
+    """
     for name, module in model.named_modules():
-        if isinstance(module, NullExpertRouter):
+        if callable(getattr(module, "pop_routing_statistics", None)):
             yield (module.layer_number if module.layer_number is not None else name), module
 
 
@@ -100,7 +126,7 @@ def pop_layer_statistics(model: torch.nn.Module, by_type: bool = False) -> Dict:
     """Statistics of every null-expert router in ``model`` by layer number, then reset
     (with by_type: a list per layer, one RoutingStatistics per token type)."""
     return {layer: router.pop_routing_statistics(by_type=by_type)
-            for layer, router in _null_expert_routers(model)}
+            for layer, router in null_expert_routers(model)}
 
 
 def set_token_types(model: torch.nn.Module, token_types_BS, num_types: int) -> None:
@@ -110,7 +136,7 @@ def set_token_types(model: torch.nn.Module, token_types_BS, num_types: int) -> N
     routers see tokens sequence-major and unsharded: refused with sequence or context
     parallelism, where each rank routes a slice.
     """
-    for _, router in _null_expert_routers(model):
+    for _, router in null_expert_routers(model):
         if router.config.sequence_parallel or router.config.context_parallel_size > 1:
             raise ValueError("set_token_types: per-type statistics need the full sequence on "
                              "each rank; turn off --sequence-parallel and context parallelism.")

@@ -16,7 +16,11 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_null_moe.config import NullExpertConfig, validate_for_transformer_config
+from megatron_null_moe.config import (
+    NullExpertConfig,
+    validate_for_transformer_config,
+    validated_settings,
+)
 from megatron_null_moe.metrics import RoutingStatistics
 from megatron_null_moe.routing import (
     grouped_pool_logits,
@@ -24,10 +28,11 @@ from megatron_null_moe.routing import (
     grouped_slot_counts,
     pool_load_balancing_loss,
     route_with_null_experts,
-    split_grouped_pool_logits,
 )
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# Budget-controller state (budget.py): kept in fp32 whatever the model's dtype.
+_BUDGET_BUFFERS = ("null_selection_bias", "null_bias_integral")
 
 
 class NullExpertRouter(TopKRouter):
@@ -36,7 +41,9 @@ class NullExpertRouter(TopKRouter):
     The null row is a separate parameter ``null_weight`` [1, hidden] (and ``null_bias`` with
     ``add_bias_linear``) beside Megatron's ``weight`` [N, hidden], so an ordinary MoE
     checkpoint's router loads unchanged. With M = 0 (rho = 1) there is no null row and the
-    router computes exactly what TopKRouter computes.
+    router computes exactly what TopKRouter computes. With M > 0 the buffers
+    ``null_selection_bias`` and ``null_bias_integral`` hold the budget controller's state
+    (0 and unchanged unless the controller runs).
     """
 
     def __init__(self, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False,
@@ -44,6 +51,7 @@ class NullExpertRouter(TopKRouter):
         self.null_config = null_config if null_config is not None else NullExpertConfig()
         # Validate before the parent allocates anything, so a bad config fails first and clearly.
         self.num_null_copies = validate_for_transformer_config(self.null_config, config)
+        self._validated_settings = validated_settings(config)
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.pool_size = self.num_experts + self.num_null_copies
         self.null_weight = self.null_bias = None
@@ -52,6 +60,9 @@ class NullExpertRouter(TopKRouter):
             if config.add_bias_linear:
                 self.null_bias = torch.nn.Parameter(torch.empty(1))
             self._reset_null_parameters()
+            for name in _BUDGET_BUFFERS:
+                self.register_buffer(
+                    name, torch.zeros(1, dtype=torch.float32, device=self.weight.device))
         if self.global_tokens_per_expert is not None:
             # Global-batch counts cover the grouped pool: N real experts and the null group.
             self.register_buffer(
@@ -59,16 +70,30 @@ class NullExpertRouter(TopKRouter):
                 self.global_tokens_per_expert.new_zeros(self._grouped_columns()),
                 persistent=False,
             )
-        # [token types, K+1]: tokens of each type that used r real experts. Integer counts:
-        # Float16Module casts floating buffers to bf16, which would round them.
+        # [token types, K+1]: tokens of each type whose routing chose r real experts, and
+        # [token types]: real assignments dropped over capacity. Integer counts: Float16Module
+        # casts floating buffers to bf16, which would round them.
         self.register_buffer(
             "real_experts_histogram", torch.zeros(1, self.topk + 1, dtype=torch.int64),
             persistent=False,
         )
+        self.register_buffer("dropped_assignments", torch.zeros(1, dtype=torch.int64),
+                             persistent=False)
         self.token_types: Optional[torch.Tensor] = None
 
     def _grouped_columns(self) -> int:
         return self.num_experts + (1 if self.num_null_copies > 0 else 0)
+
+    def _apply(self, fn, recurse=True):
+        # Module.half()/bfloat16() and Float16Module cast every floating buffer; the budget
+        # state keeps its fp32 values (it only follows the device).
+        kept = {name: self._buffers[name] for name in _BUDGET_BUFFERS if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return self
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -87,19 +112,40 @@ class NullExpertRouter(TopKRouter):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # An ordinary MoE checkpoint has no null row. Start the null logit at the mean real
         # logit (null row = mean of the real rows): routing begins close to the trained
-        # top-K, and the balance loss then moves the real fraction towards rho.
+        # top-K, and the balance loss (or the budget controller) then moves the real
+        # fraction towards rho. A checkpoint without budget state starts the controller at 0.
         if self.null_weight is not None and prefix + "weight" in state_dict:
             for null_name, real_name in (("null_weight", "weight"), ("null_bias", "bias")):
                 if getattr(self, null_name) is not None and prefix + null_name not in state_dict:
                     real = state_dict[prefix + real_name]
                     state_dict[prefix + null_name] = (
                         real.float().mean(dim=0, keepdim=True).to(real.dtype))
+            for name in _BUDGET_BUFFERS:
+                state_dict.setdefault(prefix + name, torch.zeros_like(self._buffers[name]))
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
+    def target_real_fraction(self) -> float:
+        """rho in the paper: N / (N + M), the fraction of slots meant for real experts."""
+        return self.null_config.pool_real_fraction(self.num_experts)
+
+    @property
     def expected_real_slots(self) -> float:
-        """rho * K: the expected number of real experts per token the balance loss aims at."""
-        return self.null_config.pool_real_fraction(self.num_experts) * self.topk
+        """rho * K: the expected number of real experts per token."""
+        return self.target_real_fraction * self.topk
+
+    @property
+    def global_layer_number(self) -> int:
+        """1-based over the decoder's layers, then the MTP layers (as Megatron logs them)."""
+        return self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if validated_settings(self.config) != self._validated_settings:
+            # Options switched on in the config after the router was built get the refusal
+            # they would have got at construction; host-side only, no device work.
+            self.num_null_copies = validate_for_transformer_config(self.null_config, self.config)
+            self._validated_settings = validated_settings(self.config)
+        return super().forward(input, padding_mask=padding_mask)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """[S, B, G] logits: N real logits, then the null logit when M > 0."""
@@ -131,17 +177,20 @@ class NullExpertRouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
 
-        # z-loss over all N + M logits: logsumexp of the grouped pool equals the pool's.
+        # z-loss over all N + M logits (logsumexp of the grouped pool equals the pool's). The
+        # grouped logits serve the losses only; their real columns are the router's logits
+        # converted exactly, so routing from them selects exactly what the router's logits
+        # select, in any dtype, and carries the z-loss gradient.
         grouped = self.apply_z_loss(
             grouped_pool_logits(real_logits, null_logit, self.num_null_copies), padding_mask
         )
-        real_logits, null_logit = split_grouped_pool_logits(
-            grouped, self.num_experts, self.num_null_copies
-        )
         probs, routing_map, slot_experts = route_with_null_experts(
-            real_logits, null_logit, self.num_null_copies, self.topk,
+            grouped[:, : self.num_experts], null_logit, self.num_null_copies, self.topk,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
+            null_selection_bias=getattr(self, "null_selection_bias", None),
         )
+        probs = probs.to(logits.dtype)
+        chosen_map = routing_map
         if self.config.moe_expert_capacity_factor is not None:
             # Capacity counts the expected real slots rho*K, not K.
             probs, routing_map = apply_router_token_dropping(
@@ -155,7 +204,7 @@ class NullExpertRouter(TopKRouter):
                 probs, grouped, slot_experts, seq_length, bsz, padding_mask
             )
         if self.training and torch.is_grad_enabled():
-            self._record_statistics(routing_map, padding_mask)
+            self._record_statistics(chosen_map, routing_map, padding_mask)
         return probs, routing_map
 
     def _apply_pool_balance_losses(self, probs, grouped_logits, slot_experts, seq_length, bsz,
@@ -225,11 +274,18 @@ class NullExpertRouter(TopKRouter):
         if num_types != self.real_experts_histogram.shape[0]:
             self.real_experts_histogram = self.real_experts_histogram.new_zeros(
                 num_types, self.topk + 1)
+            self.dropped_assignments = self.dropped_assignments.new_zeros(num_types)
         self.token_types = token_types
 
     @torch.no_grad()
-    def _record_statistics(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        real_per_token = routing_map.sum(dim=-1)
+    def _record_statistics(self, chosen_map: torch.Tensor, routed_map: torch.Tensor,
+                           padding_mask: Optional[torch.Tensor]):
+        """Add this micro-batch to the counters, on the device and without a host sync.
+
+        chosen_map: the routing decision [T, N]; routed_map: what is computed after drops
+        over capacity (the same tensor without a capacity factor).
+        """
+        real_per_token = chosen_map.sum(dim=-1)
         num_types, width = self.real_experts_histogram.shape
         types = self.token_types
         if types is None:
@@ -237,28 +293,37 @@ class NullExpertRouter(TopKRouter):
         elif types.shape != real_per_token.shape:
             raise ValueError(f"set_token_types: {tuple(types.shape)} token types for "
                              f"{real_per_token.numel()} routed tokens")
+        types = types.to(real_per_token.device)
+        counted = torch.ones_like(real_per_token)
         if padding_mask is not None:
-            real_per_token, types = real_per_token[~padding_mask], types[~padding_mask]
-        flat = types.to(real_per_token.device) * width + real_per_token
-        histogram = torch.bincount(flat, minlength=num_types * width)[: num_types * width]
-        if self.real_experts_histogram.device != histogram.device:
-            self.real_experts_histogram = self.real_experts_histogram.to(histogram.device)
-        self.real_experts_histogram += histogram.view(num_types, width)
+            counted = counted.masked_fill(padding_mask, 0)
+        if self.real_experts_histogram.device != real_per_token.device:
+            self.real_experts_histogram = self.real_experts_histogram.to(real_per_token.device)
+            self.dropped_assignments = self.dropped_assignments.to(real_per_token.device)
+        # scatter_add_ into fixed-size counters: bincount would size its output on the host.
+        self.real_experts_histogram.view(-1).scatter_add_(
+            0, types * width + real_per_token, counted)
+        if routed_map is not chosen_map:
+            dropped = (real_per_token - routed_map.sum(dim=-1)) * counted
+            self.dropped_assignments.scatter_add_(0, types, dropped)
 
     def pop_routing_statistics(self, by_type: bool = False):
         """Statistics since the last call (this rank's tokens), then reset. Syncs the host.
 
         Returns one RoutingStatistics, or with by_type a list of them, one per token type.
         """
-        rho = self.null_config.pool_real_fraction(self.num_experts)
         histogram = self.real_experts_histogram.to("cpu", copy=True)
+        dropped = self.dropped_assignments.to("cpu", copy=True)
         self.real_experts_histogram.zero_()
+        self.dropped_assignments.zero_()
+        rho = self.target_real_fraction
         if by_type:
-            return [RoutingStatistics.from_histogram(row, rho) for row in histogram]
-        return RoutingStatistics.from_histogram(histogram.sum(dim=0), rho)
+            return [RoutingStatistics.from_histogram(row, rho, int(drops))
+                    for row, drops in zip(histogram, dropped)]
+        return RoutingStatistics.from_histogram(histogram.sum(dim=0), rho, int(dropped.sum()))
 
     def extra_repr(self) -> str:
-        rho = self.null_config.pool_real_fraction(self.num_experts)
+        rho = self.target_real_fraction
         return (f"num_experts={self.num_experts}, num_null_copies={self.num_null_copies}, "
                 f"topk={self.topk}, real_fraction={rho:.4g}, "
                 f"expected_real_slots={rho * self.topk:.4g}")

@@ -1,10 +1,15 @@
 """Where the plugin meets Megatron's training loop, in one place.
 
-Megatron's loop has no callback for per-step metrics or FLOPs, so two module attributes of
-``megatron.training.training`` are wrapped while ``null_expert_training()`` is active:
+Megatron's loop has no callback for per-step metrics, controllers or FLOPs, so three module
+attributes of ``megatron.training.training`` are wrapped while ``null_expert_training()`` is
+active (the entry point and the patched Megatron-LM ``pretrain_gpt.py`` both enter it):
 
+- ``train_step``: after each step (optimizer step included), the routing counts of every
+  MoE layer are summed over all ranks (one all-reduce of [layers, K+2] integers and one
+  device-to-host copy per step) and, with ``--moe-null-budget-controller``, each layer's
+  budget controller takes its step (budget.py).
 - ``num_floating_point_operations``: Megatron counts K routed experts per token; with null
-  experts the real count is measured, so FLOPs (and TFLOP/s, MFU) use the measured mean.
+  experts the computed count is measured, so FLOPs (and TFLOP/s, MFU) use the measured mean.
 - ``training_log``: adds the null statistics to the losses Megatron prints and sends to
   TensorBoard, and writes per-layer scalars at each log interval.
 
@@ -15,75 +20,174 @@ harness is entered (gloo).
 
 import contextlib
 import copy
+import inspect
 import os
 from typing import Dict, Optional
 
 import torch
 
-from megatron_null_moe.metrics import RoutingStatistics
+from megatron_null_moe.budget import budget_controlled, update_null_budgets
+from megatron_null_moe.config import NullExpertConfig
+from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
 from megatron_null_moe.process_groups import free_port
-from megatron_null_moe.router import NullExpertRouter
+
+
+def _print_rank_0(message: str) -> None:
+    """Start-up messages come before torch.distributed exists: torchrun's RANK decides."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"> megatron_null_moe: {message}", flush=True)
 
 
 class NullExpertMonitor:
-    """Collects every null-expert router's counts once per iteration, over all ranks."""
+    """The routing counts of every null-expert router, once per step, over all ranks."""
 
-    def __init__(self):
-        self._routers: Dict[int, NullExpertRouter] = {}
+    def __init__(self, on_cpu: bool = False):
+        self.on_cpu = on_cpu
+        self.null_config: Optional[NullExpertConfig] = None
+        self.expected_real_experts: Optional[float] = None  # rho * K, set by configure()
+        self._routers: Dict[int, torch.nn.Module] = {}
         self._iteration = None
-        self.histogram = None  # [layers, K+1]: tokens with r real experts, all ranks
-        self.expected_real_experts: Optional[float] = None  # rho * K, set once args are known
+        self.counts = None  # [layers, K+2] on the host: columns 0..K tokens, K+1 dropped
+        self.biases = None  # [layers] selection bias each layer used this step (controller)
 
-    def watch(self, model) -> None:
-        """Remember the routers of a model chunk (called from the forward step)."""
-        for module in model.modules():
-            if isinstance(module, NullExpertRouter):
-                self._routers.setdefault(id(module), module)
+    def configure(self, args) -> Optional[NullExpertConfig]:
+        """After Megatron parsed ``args``: check the null-expert flags, say at start-up what
+        they mean, and return the NullExpertConfig (None when null experts are off)."""
+        from megatron_null_moe.arguments import null_expert_config_from_args
+
+        if self.on_cpu and args.distributed_backend != "gloo":
+            _print_rank_0(f"--distributed-backend {args.distributed_backend} needs CUDA; "
+                          "using gloo")
+            args.distributed_backend = "gloo"
+        self.null_config = null_expert_config_from_args(args)
+        if args.num_experts:
+            rho = self.null_config.pool_real_fraction(args.num_experts) if self.null_config \
+                else 1.0
+            self.expected_real_experts = rho * args.moe_router_topk
+        if self.null_config is not None:
+            _print_rank_0(start_up_summary(self.null_config, args))
+        return self.null_config
+
+    @property
+    def controlled(self) -> bool:
+        return self.null_config is not None and self.null_config.budget_control_rate is not None
+
+    def watch(self, model_chunks) -> None:
+        """Remember the routers of the model chunks a training step runs."""
+        for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+            for _, router in null_expert_routers(chunk):
+                self._routers.setdefault(id(router), router)
 
     @property
     def routers(self):
         return list(self._routers.values())
 
-    def iteration_histogram(self, args) -> torch.Tensor:
-        """This iteration's global histogram, collected at the first call of the iteration.
+    def end_of_step(self, args) -> None:
+        """Sum this step's counts over all ranks; step the budget controllers.
 
-        Every rank calls it at the same points of the loop, so the all-reduce matches.
+        Every rank runs it at the same point of the loop, so the collectives match.
         """
-        if self._iteration == args.curr_iteration and self.histogram is not None:
-            return self.histogram
+        if self.null_config is None:
+            return
         num_layers = args.num_layers + (args.mtp_num_layers or 0)
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        histogram = torch.zeros(num_layers, args.moe_router_topk + 1, dtype=torch.int64,
-                                device=device)
-        for router in self.routers:
-            layer = router.layer_number + (args.num_layers if router.is_mtp_layer else 0)
-            histogram[layer - 1] += router.real_experts_histogram.sum(dim=0).to(device)
-            router.real_experts_histogram.zero_()
-        torch.distributed.all_reduce(histogram)
-        # Host copy: FLOPs and log values are Python numbers.
-        self.histogram, self._iteration = histogram.cpu(), args.curr_iteration
-        return self.histogram
+        self.counts = collect_layer_counts(self.routers, num_layers, args.moe_router_topk)
+        if self.controlled:
+            self.biases = collect_layer_biases(self.routers, num_layers)
+            target = self.expected_real_experts / args.moe_router_topk
+            fractions = {layer: statistics.real_fraction for layer, statistics
+                         in self.layer_statistics(target).items()}
+            update_null_budgets(self.routers, fractions)
+        self._iteration = args.curr_iteration
+
+    def layer_statistics(self, target_real_fraction: float) -> Dict[int, RoutingStatistics]:
+        """Global layer number -> this step's statistics, for the layers that routed tokens."""
+        statistics = {}
+        for index, row in enumerate(self.counts):
+            layer = RoutingStatistics.from_histogram(row[:-1], target_real_fraction, int(row[-1]))
+            if layer.num_tokens:
+                statistics[index + 1] = layer
+        return statistics
 
     def iteration_statistics(self, args) -> RoutingStatistics:
-        """This iteration's statistics over all MoE layers and ranks."""
+        """This step's statistics over all MoE layers and ranks (empty before a step ran)."""
         target = (self.expected_real_experts or args.moe_router_topk) / args.moe_router_topk
-        return RoutingStatistics.from_histogram(self.iteration_histogram(args).sum(dim=0), target)
+        if self.counts is None or self._iteration != args.curr_iteration:
+            return RoutingStatistics((0,) * (args.moe_router_topk + 1), target)
+        total = self.counts.sum(dim=0)
+        return RoutingStatistics.from_histogram(total[:-1], target, int(total[-1]))
 
-    def mean_real_experts(self, args) -> Optional[float]:
-        """Measured real experts per token over all MoE layers this iteration (None: none)."""
+    def mean_computed_experts(self, args) -> Optional[float]:
+        """Measured expert computations per token over all MoE layers (None: none routed)."""
         statistics = self.iteration_statistics(args)
-        return statistics.mean_real_experts if statistics.num_tokens else None
+        return statistics.mean_computed_experts if statistics.num_tokens else None
 
 
-def null_expert_flops(original, measure_real_experts):
-    """Megatron's FLOPs with K routed experts replaced by the measured mean real experts.
+def start_up_summary(null_config: NullExpertConfig, args) -> str:
+    """One line: pool, target, the range of real experts per token, what holds the budget."""
+    num_experts, topk = args.num_experts, args.moe_router_topk
+    fewest, most = null_config.real_experts_range(num_experts, topk)
+    rho = null_config.pool_real_fraction(num_experts)
+    holder = (f"budget controller on (rate {null_config.budget_control_rate:g})"
+              if null_config.budget_control_rate is not None else "budget controller off")
+    return (f"null experts: N={num_experts} real + M={null_config.null_copies_for(num_experts)} "
+            f"null copies, top-{topk}; target real fraction {rho:.4g} ({rho * topk:.4g} real "
+            f"experts per token on average, each token between {fewest} and {most}); {holder}.")
 
-    measure_real_experts(args) -> mean real experts per token, or None to keep Megatron's K.
+
+def collect_layer_counts(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
+    """[layers, K+2] int64 on the host, summed over ``group`` (default: every rank), the
+    routers' counters reset: column r < K+1 counts tokens whose routing chose r real experts,
+    column K+1 the real assignments dropped over capacity. Row l is global layer l+1."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    counts = torch.zeros(num_layers, topk + 2, dtype=torch.int64, device=device)
+    for router in routers:
+        row = counts[router.global_layer_number - 1]
+        row[:-1] += router.real_experts_histogram.sum(dim=0).to(device)
+        row[-1] += router.dropped_assignments.sum().to(device)
+        router.real_experts_histogram.zero_()
+        router.dropped_assignments.zero_()
+    torch.distributed.all_reduce(counts, group=group)
+    return counts.cpu()  # host copy: FLOPs, the controller's error and logs are Python numbers
+
+
+def collect_layer_biases(routers, num_layers: int, group=None) -> torch.Tensor:
+    """[layers] fp32 on the host: each layer's null selection bias (nan where no router of
+    ``group`` has one). Replicas of a layer hold the same value, so a max gathers it."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    biases = torch.full((num_layers,), float("-inf"), device=device)
+    for router in routers:
+        if budget_controlled(router):
+            biases[router.global_layer_number - 1] = router.null_selection_bias.to(device)[0]
+    torch.distributed.all_reduce(biases, op=torch.distributed.ReduceOp.MAX, group=group)
+    biases = biases.cpu()
+    return biases.masked_fill(biases == float("-inf"), float("nan"))
+
+
+def null_expert_train_step(original, monitor: NullExpertMonitor):
+    """Megatron's train_step, then the step's routing counts and controller update."""
+    signature = inspect.signature(original)
+
+    def train_step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        monitor.watch(signature.bind(*args, **kwargs).arguments["model"])
+        from megatron.training import get_args
+
+        monitor.end_of_step(get_args())
+        return result
+
+    return train_step
+
+
+def null_expert_flops(original, measure_computed_experts):
+    """Megatron's FLOPs with K routed experts replaced by the measured expert computations.
+
+    measure_computed_experts(args) -> mean experts computed per token, or None to keep K.
     """
 
     def num_floating_point_operations(args, batch_size, *more, **kwargs):
-        measured = measure_real_experts(args) if args.num_experts else None
+        measured = measure_computed_experts(args) if args.num_experts else None
         if measured is None:
             return original(args, batch_size, *more, **kwargs)
         effective = copy.copy(args)
@@ -93,15 +197,38 @@ def null_expert_flops(original, measure_real_experts):
     return num_floating_point_operations
 
 
-def layer_scalars(histogram_layers: torch.Tensor) -> Dict[int, Dict[str, float]]:
-    """Per MoE layer (1-based) that routed tokens: real fraction and zero-real fraction."""
+def layer_scalars(monitor: NullExpertMonitor, target_real_fraction: float
+                  ) -> Dict[int, Dict[str, float]]:
+    """Per MoE layer (1-based) that routed tokens this step: its TensorBoard scalars."""
     scalars = {}
-    for index, histogram in enumerate(histogram_layers):
-        statistics = RoutingStatistics.from_histogram(histogram, target_real_fraction=1.0)
-        if statistics.num_tokens:
-            scalars[index + 1] = {"real_fraction": statistics.real_fraction,
-                                  "zero_real_fraction": statistics.zero_real_fraction}
+    for layer, statistics in monitor.layer_statistics(target_real_fraction).items():
+        scalars[layer] = {"real_fraction": statistics.real_fraction,
+                          "zero_real_fraction": statistics.zero_real_fraction}
+        if statistics.dropped_real_slots:
+            scalars[layer]["dropped_fraction"] = statistics.dropped_fraction
+        if monitor.biases is not None:
+            scalars[layer]["budget_bias"] = float(monitor.biases[layer - 1])
     return scalars
+
+
+def log_line_values(monitor: NullExpertMonitor, args) -> Dict[str, float]:
+    """What the null experts add to Megatron's log line (and its TensorBoard losses)."""
+    statistics = monitor.iteration_statistics(args)
+    if not statistics.num_tokens:
+        return {}
+    values = {"null real experts/token": statistics.mean_real_experts,
+              "null expected real experts/token": monitor.expected_real_experts,
+              "null real fraction": statistics.real_fraction,
+              "null zero-real tokens": statistics.zero_real_fraction}
+    if args.moe_expert_capacity_factor is not None:
+        values["null dropped real assignments"] = statistics.dropped_fraction
+    if monitor.biases is not None:
+        target = statistics.target_real_fraction
+        layers = monitor.layer_statistics(target)
+        values["null budget bias"] = float(monitor.biases.nanmean())
+        values["null worst layer real fraction error"] = max(
+            abs(layer.real_fraction - target) for layer in layers.values())
+    return values
 
 
 def null_expert_training_log(original, monitor: NullExpertMonitor):
@@ -111,21 +238,18 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
         from megatron.training import get_args, get_tensorboard_writer
 
         args = get_args()
-        statistics = monitor.iteration_statistics(args)
-        if statistics.num_tokens:
+        values = log_line_values(monitor, args)
+        if values:
             device = next(iter(loss_dict.values())).device if loss_dict else "cpu"
             loss_dict = dict(loss_dict)
-            for key, value in (("null real experts/token", statistics.mean_real_experts),
-                               ("null expected real experts/token",
-                                monitor.expected_real_experts),
-                               ("null real fraction", statistics.real_fraction),
-                               ("null zero-real tokens", statistics.zero_real_fraction)):
+            for key, value in values.items():
                 loss_dict[key] = torch.tensor([value], device=device)
         report = original(loss_dict, total_loss_dict, learning_rate, iteration, *more, **kwargs)
         writer = get_tensorboard_writer()
-        if writer is not None and iteration % args.log_interval == 0:
-            for layer, values in layer_scalars(monitor.iteration_histogram(args)).items():
-                for name, value in values.items():
+        if writer is not None and iteration % args.log_interval == 0 and values:
+            target = monitor.iteration_statistics(args).target_real_fraction
+            for layer, scalars in layer_scalars(monitor, target).items():
+                for name, value in scalars.items():
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         return report
 
@@ -163,26 +287,30 @@ def single_process_environment() -> None:
 
 
 @contextlib.contextmanager
-def null_expert_training(on_cpu: bool):
-    """Everything Megatron's loop needs for null experts; yields the NullExpertMonitor."""
+def null_expert_training(on_cpu: Optional[bool] = None):
+    """Everything Megatron's loop needs for null experts; yields the NullExpertMonitor,
+    whose ``configure(args)`` the caller runs after parsing. on_cpu: default, no CUDA."""
     import megatron.core.datasets.utils as dataset_utils
     import megatron.training.training as training
 
     from megatron_null_moe.cpu import cpu_harness
 
-    monitor = NullExpertMonitor()
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    monitor = NullExpertMonitor(on_cpu=on_cpu)
     with contextlib.ExitStack() as stack:
         if on_cpu:
-            print("> megatron_null_moe: no CUDA, running on the CPU through the CPU harness "
-                  "(gloo)", flush=True)
+            _print_rank_0("no CUDA, running on the CPU through the CPU harness (gloo)")
             stack.enter_context(cpu_harness())
         stack.enter_context(_attribute(
             dataset_utils, "compile_helpers",
             _compile_helpers_unless_shipped(dataset_utils.compile_helpers)))
         stack.enter_context(_attribute(
+            training, "train_step", null_expert_train_step(training.train_step, monitor)))
+        stack.enter_context(_attribute(
             training, "num_floating_point_operations",
             null_expert_flops(training.num_floating_point_operations,
-                              monitor.mean_real_experts)))
+                              monitor.mean_computed_experts)))
         stack.enter_context(_attribute(
             training, "training_log", null_expert_training_log(training.training_log, monitor)))
         yield monitor

@@ -7,15 +7,14 @@ import pytest
 
 from megatron.training.arguments import add_megatron_arguments
 
-from megatron_null_moe.arguments import null_expert_config_from_args
-from megatron_null_moe.pretrain_gpt import extra_args_provider
+from megatron_null_moe.arguments import add_null_expert_args, null_expert_config_from_args
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
 MOE = ["--num-experts", "8", "--moe-router-topk", "4"]
 
 
 def parse(*argv):
-    parser = extra_args_provider(add_megatron_arguments(argparse.ArgumentParser()))
+    parser = add_null_expert_args(add_megatron_arguments(argparse.ArgumentParser()))
     return parser.parse_args([*BASE, *argv])
 
 
@@ -43,6 +42,13 @@ def test_explicit_null_copies():
     ((*MOE, "--moe-null-balance-scope", "global"), "need --moe-null-expert-rho"),
     ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-num-null-experts", "-2"),
      r"\(--moe-num-null-experts\) must be a whole number >= 0"),
+    ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-num-null-experts", "0"),
+     r"--moe-num-null-experts=0 contradicts --moe-null-expert-rho=0.5 .*allowed: 8 "),
+    ((*MOE, "--moe-null-budget-controller"), "need --moe-null-expert-rho"),
+    ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-budget-rate", "2"),
+     "--moe-null-budget-rate needs --moe-null-budget-controller"),
+    ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-budget-controller",
+      "--moe-null-budget-rate", "0"), "--moe-null-budget-rate.*positive finite"),
     ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-balance-scope", "global",
       "--moe-router-load-balancing-type", "seq_aux_loss"),
      "--moe-null-balance-scope=global asks for 'global_aux_loss' but "
@@ -59,10 +65,18 @@ def test_unknown_scope_rejected_by_the_parser(capsys):
     assert "invalid choice: 'batch'" in capsys.readouterr().err
 
 
-def test_allgather_warns_that_no_communication_is_saved(caplog):
-    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-token-dispatcher-type", "allgather")
-    with caplog.at_level(logging.WARNING, logger="megatron_null_moe.arguments"):
+def test_allgather_warns_once_in_one_wording(caplog, monkeypatch):
+    """The start-up check and the dispatcher share one warning, said once per process."""
+    import megatron_null_moe.dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "_allgather_warned", False)
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-aux-loss-coeff", "0.01",
+                 "--moe-token-dispatcher-type", "allgather")
+    with caplog.at_level(logging.WARNING):
         null_expert_config_from_args(args)
+        null_expert_config_from_args(args)
+        dispatcher_module.warn_allgather_saves_no_communication()
+    assert [r.name for r in caplog.records] == ["megatron_null_moe.dispatcher"]
     assert "save no communication" in caplog.text
 
 
@@ -73,3 +87,27 @@ def test_help_explains_rho(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "target fraction of each token's --moe-router-topk slots that go to real experts" in text
     assert "in (0, 1]" in text
+
+
+def test_budget_controller_flags():
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-budget-controller")
+    assert null_expert_config_from_args(args).budget_control_rate == 1.0
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-budget-controller",
+                 "--moe-null-budget-rate", "0.25")
+    assert null_expert_config_from_args(args).budget_control_rate == 0.25
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5")
+    assert null_expert_config_from_args(args).budget_control_rate is None
+
+
+@pytest.mark.parametrize("argv,warns", [
+    (("--moe-null-expert-rho", "0.5"), True),  # Megatron's default coefficient is 0
+    (("--moe-null-expert-rho", "0.5", "--moe-aux-loss-coeff", "0.02",
+      "--moe-router-load-balancing-type", "none"), True),
+    (("--moe-null-expert-rho", "0.5", "--moe-aux-loss-coeff", "0.02"), False),
+    (("--moe-null-expert-rho", "0.5", "--moe-null-budget-controller"), False),
+    (("--moe-null-expert-rho", "1.0"), False),
+])
+def test_warns_when_nothing_holds_the_budget(argv, warns, caplog):
+    with caplog.at_level(logging.WARNING, logger="megatron_null_moe.arguments"):
+        null_expert_config_from_args(parse(*MOE, *argv))
+    assert ("nothing pulls the real fraction towards the target" in caplog.text) == warns

@@ -28,10 +28,37 @@ def test_null_copies_derived_from_rho(rho, num_experts, expected):
     assert NullExpertConfig(real_fraction=rho).null_copies_for(num_experts) == expected
 
 
-def test_explicit_copies_win_and_set_the_pool_fraction():
-    config = NullExpertConfig(real_fraction=0.3, num_null_copies=20)
-    assert config.null_copies_for(8) == 20
-    assert config.pool_real_fraction(8) == pytest.approx(8 / 28)
+@pytest.mark.parametrize("copies", [18, 19])
+def test_explicit_copies_round_rho_and_set_the_target(copies):
+    """rho = 0.3 with 8 experts needs M = 18.67: M = 18 or 19 is taken, the target
+    becomes N / (N + M)."""
+    config = NullExpertConfig(real_fraction=0.3, num_null_copies=copies)
+    assert config.null_copies_for(8) == copies
+    assert config.pool_real_fraction(8) == pytest.approx(8 / (8 + copies))
+
+
+@pytest.mark.parametrize("rho,copies,allowed", [(0.5, 0, "8"), (0.3, 20, "18 or 19"),
+                                                (1.0, 4, "0"), (0.5, 9, "8")])
+def test_copies_contradicting_rho_refused(rho, copies, allowed):
+    config = NullExpertConfig(real_fraction=rho, num_null_copies=copies)
+    with pytest.raises(ValueError, match=rf"--moe-num-null-experts={copies} contradicts "
+                                         rf"--moe-null-expert-rho={rho}.*allowed: {allowed} "):
+        config.null_copies_for(8)
+
+
+@pytest.mark.parametrize("num_experts,topk,rho,expected", [
+    (4, 6, 0.5, (2, 4)), (8, 4, 0.5, (0, 4)), (64, 8, 0.5, (0, 8)), (8, 2, 1.0, (2, 2)),
+    (4, 2, 0.8, (1, 2)),
+])
+def test_real_experts_range(num_experts, topk, rho, expected):
+    """A token uses between max(0, K - M) and min(K, N) real experts."""
+    assert NullExpertConfig(rho).real_experts_range(num_experts, topk) == expected
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_bad_budget_rate_refused(rate):
+    with pytest.raises(ValueError, match="--moe-null-budget-rate"):
+        NullExpertConfig(real_fraction=0.5, budget_control_rate=rate)
 
 
 @pytest.mark.parametrize("rho", [0.0, -0.5, 1.5, float("nan"), "0.5", True, None])

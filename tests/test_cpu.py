@@ -20,8 +20,8 @@ from megatron_null_moe.cpu import (
     cpu_harness,
     destroy_cpu_parallel_state,
     init_cpu_parallel_state,
-    run_on_ranks,
 )
+from megatron_null_moe.cpu_ranks import run_on_ranks
 
 TORCH_CUDA_STAND_INS = [
     "synchronize", "empty_cache", "memory_stats", "memory_allocated", "max_memory_allocated",
@@ -47,6 +47,9 @@ PATCHED = [("torch.cuda", name) for name in TORCH_CUDA_STAND_INS] + [
     ("megatron.training.initialize", "_set_random_seed"),
     ("megatron.training.utils.common_utils", "get_device_arch_version"),
     ("megatron.training.arguments", "get_device_arch_version"),
+    ("megatron.training.training", "train_step"),
+    ("megatron.training.training", "evaluate"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
 ]
 
 # Runs in a fresh interpreter: ids of the patched objects before and after the import.
@@ -180,6 +183,32 @@ def test_rng_tracker_forks_and_resumes_from_its_states(cpu_parallel_state):
     tracker.set_states(saved)
     with tracker.fork():
         assert torch.equal(torch.rand(4), drawn)
+
+
+def test_device_generator_is_apart_from_the_host_generator(cpu_parallel_state):
+    """What Megatron's training step draws comes from the CUDA generator's stand-in: draws on
+    the host in between (data loaders) do not move it, and its saved state resumes it."""
+    from megatron.training import training
+
+    from megatron_null_moe.cpu import device_generator
+
+    assert training.train_step.__wrapped__ is not None  # the step runs inside drawing()
+    generator = device_generator()
+    torch.cuda.manual_seed(5)
+    saved = torch.cuda.get_rng_state()
+    drawn = []
+    for host_draws in (0, 7):
+        torch.cuda.set_rng_state(saved)
+        torch.rand(host_draws)
+        with generator.drawing():
+            drawn.append(torch.rand(3))
+            assert torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+    assert torch.equal(drawn[0], drawn[1])
+    host = torch.get_rng_state()
+    torch.cuda.manual_seed(6)
+    assert torch.equal(torch.get_rng_state(), host)
+    with generator.drawing():
+        assert not torch.equal(torch.rand(3), drawn[0])
 
 
 def test_split_sizes_come_back_as_numpy(cpu_parallel_state):

@@ -7,7 +7,7 @@ import pytest
 from megatron.training.arguments import add_megatron_arguments
 from megatron.training.training import num_floating_point_operations
 
-from megatron_null_moe.training_hooks import layer_scalars, null_expert_flops
+from megatron_null_moe.training_hooks import NullExpertMonitor, layer_scalars, null_expert_flops
 
 
 def gpt_args(topk):
@@ -43,11 +43,16 @@ def test_no_measurement_keeps_megatron_count():
     assert flops(gpt_args(8), 16) == num_floating_point_operations(gpt_args(8), 16)
 
 
-def test_layer_scalars_from_histogram():
+def test_layer_scalars_from_counts():
     import torch
 
-    histogram = torch.tensor([[2, 0, 2], [0, 0, 0], [0, 4, 0]])  # K=2; layer 2 routed nothing
-    scalars = layer_scalars(histogram)
+    monitor = NullExpertMonitor()
+    # K=2: tokens with 0, 1, 2 real experts, then dropped assignments; layer 2 routed nothing
+    monitor.counts = torch.tensor([[2, 0, 2, 0], [0, 0, 0, 0], [0, 4, 0, 1]])
+    scalars = layer_scalars(monitor, target_real_fraction=0.5)
     assert sorted(scalars) == [1, 3]
     assert scalars[1] == {"real_fraction": 0.5, "zero_real_fraction": 0.5}
-    assert scalars[3] == {"real_fraction": 0.5, "zero_real_fraction": 0.0}
+    assert scalars[3] == {"real_fraction": 0.5, "zero_real_fraction": 0.0,
+                          "dropped_fraction": 0.25}
+    monitor.biases = torch.tensor([0.5, float("nan"), -0.25])
+    assert layer_scalars(monitor, 0.5)[3]["budget_bias"] == -0.25

@@ -245,3 +245,78 @@ def test_statistics_per_token_type(parallel_state):
     set_token_types(layer, None, num_types=1)
     layer.router(hidden)
     assert pop_layer_statistics(layer)[1].num_tokens == 12
+
+
+@pytest.mark.parametrize("router_dtype", [None, "fp32", "fp64"])
+def test_router_selects_the_pool_top_k_of_its_own_logits(parallel_state, router_dtype):
+    """bf16 model, router dtype unset (logits in bf16, Megatron's default), fp32 or fp64:
+    the routing map is the materialised N+M pool's top-K on the logits gating produced."""
+    from reference import reference_route
+
+    config = moe_config(params_dtype=torch.bfloat16, bf16=True, moe_router_dtype=router_dtype)
+    router = build_moe_layer(config, real_fraction=0.5).router.to(torch.bfloat16)
+    with torch.no_grad():
+        router.null_weight.mul_(0.25)  # the null logit near the real ones: many boundary tokens
+    hidden = _hidden(4096, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = router.gating(hidden).reshape(-1, 9)
+        probs, routing_map = router(hidden)
+    assert logits.dtype == {None: torch.bfloat16, "fp32": torch.float32,
+                            "fp64": torch.float64}[router_dtype]
+    ref_probs, ref_map, _ = reference_route(logits[:, :8], logits[:, 8], 8, 4)
+    assert torch.equal(routing_map, ref_map)
+    assert len(set(routing_map.sum(-1).tolist())) > 2
+    torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("moe_pad_expert_input_to_capacity", True), ("moe_router_pre_softmax", True),
+    ("moe_router_score_function", "sigmoid"), ("moe_router_enable_expert_bias", True),
+])
+def test_options_switched_on_after_construction_are_refused_at_the_next_forward(
+        parallel_state, option, value):
+    """Megatron's own tests switch options on the config of a built router."""
+    config = moe_config(moe_expert_capacity_factor=2.0)
+    layer = build_moe_layer(config, real_fraction=0.5)
+    hidden = _hidden(8)
+    layer(hidden)
+    setattr(config, option, value)
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag}.*allowed"):
+        layer.router(hidden)
+    with pytest.raises(ValueError, match=f"{flag}.*allowed"):
+        layer(hidden)
+
+
+def test_non_finite_router_input_makes_that_token_nan_not_zero(parallel_state):
+    """NaN or inf in a token's hidden state: its MoE output is NaN (so Megatron's NaN check
+    on the loss stops training); the other tokens' outputs do not change."""
+    layer = build_moe_layer(moe_config(), real_fraction=0.5)
+    hidden = _hidden(12)
+    with torch.no_grad():
+        clean, _ = layer(hidden)
+        for value in (float("nan"), float("inf")):
+            broken = hidden.clone()
+            broken[3, 0, 5] = value
+            output, _ = layer(broken)
+            assert torch.isnan(output[3]).all()
+            others = [t for t in range(12) if t != 3]
+            torch.testing.assert_close(output[others], clean[others], rtol=0, atol=0)
+
+
+def test_dropped_assignments_are_counted_apart_from_null_choices(parallel_state):
+    """With a capacity factor, the real fraction is the routing's choice; drops are counted
+    on their own, and FLOPs use chosen minus dropped."""
+    layer = build_moe_layer(moe_config(moe_expert_capacity_factor=0.5), real_fraction=0.5)
+    layer.train()
+    hidden = _hidden(64)
+    with torch.no_grad():
+        logits = layer.router.gating(hidden).reshape(-1, 9)
+    _, routing_map = layer.router(hidden)
+    stats = pop_layer_statistics(layer)[1]
+    from megatron_null_moe.routing import route_with_null_experts
+
+    _, chosen, _ = route_with_null_experts(logits[:, :8], logits[:, 8], 8, 4)
+    assert stats.real_slots == int(chosen.sum())
+    assert stats.dropped_real_slots == int(chosen.sum() - routing_map.sum()) > 0
+    assert stats.mean_computed_experts == pytest.approx(int(routing_map.sum()) / 64)

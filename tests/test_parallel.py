@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megatron_null_moe.cpu import cpu_harness, run_on_ranks
+from megatron_null_moe.cpu import cpu_harness
+from megatron_null_moe.cpu_ranks import run_on_ranks
 from parallel_workers import global_balance_loss, initial_weights, run_moe_layer
 
 NO_AUX = dict(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)

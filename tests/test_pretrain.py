@@ -17,7 +17,7 @@ TINY_GPT = [
     "--moe-null-expert-rho", "0.5", "--moe-null-balance-scope", "global",
     "--moe-aux-loss-coeff", "2e-2", "--moe-z-loss-coeff", "1e-3",
     "--disable-bias-linear", "--transformer-impl", "local", "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion", "--hidden-dropout", "0",
+    "--no-gradient-accumulation-fusion",
     "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
     "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
     "--ckpt-format", "torch_dist", "--seed", "1",

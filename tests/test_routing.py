@@ -119,3 +119,55 @@ def test_router_weight_gradients_equal_materialised_rows():
     (pool_grad,) = torch.autograd.grad(ref_total, [pool_weight])
     expected = torch.cat([pool_grad[:num_experts], pool_grad[num_experts:].sum(0, keepdim=True)])
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)  # weights in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("num_experts,num_null,topk", [(8, 8, 4), (16, 48, 8), (6, 2, 5)])
+def test_routing_in_low_precision_equals_materialised_pool_on_the_same_logits(
+        dtype, num_experts, num_null, topk):
+    """Selection on the router's own logits (no log M round trip), ties included."""
+    generator = torch.Generator().manual_seed(num_experts + topk)
+    real = (torch.randn(2048, num_experts, generator=generator) * 2).to(dtype)
+    null = (torch.randn(2048, generator=generator) * 2).to(dtype)
+    real[::7, 1] = null[::7]  # exact ties between a real expert and the null logit
+    probs, routing_map, _ = route_with_null_experts(real, null, num_null, topk)
+    ref_probs, ref_map, _ = reference_route(real, null, num_null, topk)
+    assert torch.equal(routing_map, ref_map)
+    assert probs.dtype == dtype
+    tolerance = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-6)
+    torch.testing.assert_close(probs.double(), ref_probs, rtol=tolerance, atol=tolerance)
+
+
+def test_selection_bias_moves_only_the_choice():
+    """A bias b on the null logit selects as the pool with z_null + b; the weights are the
+    renormalised real probabilities either way."""
+    real, null = _logits(256, 8, ties=False, seed=3)
+    for bias in (-0.7, 0.0, 0.45):
+        probs, routing_map, slots = route_with_null_experts(
+            real, null, 8, 4, null_selection_bias=torch.tensor([bias], dtype=torch.float64))
+        ref_probs, ref_map, ref_order = reference_route(real, null + bias, 8, 4)
+        assert torch.equal(routing_map, ref_map)
+        assert torch.equal(slots, ref_order.clamp(max=8))
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-6, atol=1e-7)
+    fewer = route_with_null_experts(real, null, 8, 4, null_selection_bias=torch.tensor([0.5]))[1]
+    more = route_with_null_experts(real, null, 8, 4, null_selection_bias=torch.tensor([-0.5]))[1]
+    assert fewer.sum() < route_with_null_experts(real, null, 8, 4)[1].sum() < more.sum()
+
+
+def test_non_finite_logits_give_nan_weights_not_silent_nulls():
+    """A token with a NaN or infinite logit gets NaN weights on real experts (its output is
+    NaN, which Megatron's loss check catches); every other token routes as before."""
+    real, null = _logits(8, 6, ties=False, seed=5)
+    bad = {0: ("real", float("nan")), 1: ("real", float("inf")), 2: ("null", float("nan")),
+           3: ("null", float("inf")), 4: ("real", float("-inf"))}
+    for token, (where, value) in bad.items():
+        if where == "real":
+            real[token, 2] = value
+        else:
+            null[token] = value
+    probs, routing_map, _ = route_with_null_experts(real, null, num_null_copies=6, topk=4)
+    for token in bad:
+        assert routing_map[token].sum() == 4 and torch.isnan(probs[token][routing_map[token]]).all()
+    ref_probs, ref_map, _ = reference_route(real[5:], null[5:], 6, 4)
+    assert torch.equal(routing_map[5:], ref_map)
+    torch.testing.assert_close(probs[5:], ref_probs, rtol=1e-6, atol=1e-7)
