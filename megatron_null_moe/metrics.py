@@ -19,17 +19,20 @@ class RoutingStatistics:
     real_experts_histogram: tokens whose routing chose exactly r real experts, r = 0..K.
     target_real_fraction: rho in the paper, the fraction of slots the budget aims at.
     dropped_real_slots: chosen real assignments dropped over capacity (not computed).
+    real_logit_spread_sum: sum over the tokens of the standard deviation of each token's N
+        real logits (the scale the budget controller's steps are taken in).
     """
 
     real_experts_histogram: Tuple[int, ...]
     target_real_fraction: float
     dropped_real_slots: int = 0
+    real_logit_spread_sum: float = 0.0
 
     @classmethod
     def from_histogram(cls, histogram: torch.Tensor, target_real_fraction: float,
-                       dropped_real_slots: int = 0):
+                       dropped_real_slots: int = 0, real_logit_spread_sum: float = 0.0):
         return cls(tuple(int(count) for count in histogram.tolist()), float(target_real_fraction),
-                   int(dropped_real_slots))
+                   int(dropped_real_slots), float(real_logit_spread_sum))
 
     @property
     def topk(self) -> int:
@@ -63,6 +66,11 @@ class RoutingStatistics:
         """Expert computations per token, what FLOPs count (equals mean_real_experts unless
         a capacity factor dropped some)."""
         return self.computed_real_slots / max(self.num_tokens, 1)
+
+    @property
+    def real_logit_spread(self) -> float:
+        """Mean over tokens of the standard deviation of a token's real logits."""
+        return self.real_logit_spread_sum / max(self.num_tokens, 1)
 
     @property
     def dropped_fraction(self) -> float:
@@ -109,7 +117,8 @@ class RoutingStatistics:
         summed = tuple(a + b for a, b in zip(self.real_experts_histogram,
                                              other.real_experts_histogram))
         return RoutingStatistics(summed, self.target_real_fraction,
-                                 self.dropped_real_slots + other.dropped_real_slots)
+                                 self.dropped_real_slots + other.dropped_real_slots,
+                                 self.real_logit_spread_sum + other.real_logit_spread_sum)
 
 
 def null_expert_routers(model: torch.nn.Module):

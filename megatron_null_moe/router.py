@@ -28,11 +28,14 @@ from megatron_null_moe.routing import (
     grouped_slot_counts,
     pool_load_balancing_loss,
     route_with_null_experts,
+    select_pool_slots,
 )
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-# Budget-controller state (budget.py): kept in fp32 whatever the model's dtype.
+# Budget-controller state (budget.py) and the logit-spread counter: kept in fp32 whatever
+# the model's dtype.
 _BUDGET_BUFFERS = ("null_selection_bias", "null_bias_integral")
+_FP32_BUFFERS = (*_BUDGET_BUFFERS, "real_logit_spread_sum")
 
 
 class NullExpertRouter(TopKRouter):
@@ -63,6 +66,9 @@ class NullExpertRouter(TopKRouter):
             for name in _BUDGET_BUFFERS:
                 self.register_buffer(
                     name, torch.zeros(1, dtype=torch.float32, device=self.weight.device))
+        # Host-side: whether null_selection_bias may be non-zero (set by the controller and by
+        # loading), so the paper's path needs no second selection and no device read.
+        self.null_bias_in_use = False
         if self.global_tokens_per_expert is not None:
             # Global-batch counts cover the grouped pool: N real experts and the null group.
             self.register_buffer(
@@ -79,6 +85,8 @@ class NullExpertRouter(TopKRouter):
         )
         self.register_buffer("dropped_assignments", torch.zeros(1, dtype=torch.int64),
                              persistent=False)
+        self.register_buffer("real_logit_spread_sum", torch.zeros(1, dtype=torch.float32),
+                             persistent=False)
         self.token_types: Optional[torch.Tensor] = None
 
     def _grouped_columns(self) -> int:
@@ -87,7 +95,7 @@ class NullExpertRouter(TopKRouter):
     def _apply(self, fn, recurse=True):
         # Module.half()/bfloat16() and Float16Module cast every floating buffer; the budget
         # state keeps its fp32 values (it only follows the device).
-        kept = {name: self._buffers[name] for name in _BUDGET_BUFFERS if name in self._buffers}
+        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
@@ -122,7 +130,9 @@ class NullExpertRouter(TopKRouter):
                         real.float().mean(dim=0, keepdim=True).to(real.dtype))
             for name in _BUDGET_BUFFERS:
                 state_dict.setdefault(prefix + name, torch.zeros_like(self._buffers[name]))
-        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.num_null_copies > 0:
+            self.null_bias_in_use = bool(self.null_selection_bias.abs().sum() > 0)
 
     @property
     def target_real_fraction(self) -> float:
@@ -200,11 +210,18 @@ class NullExpertRouter(TopKRouter):
                 drop_policy=self.config.moe_token_drop_policy,
             )
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            if self.null_bias_in_use:
+                # The selection bias moves the choice only: the balance loss counts the slots
+                # the router's own logits choose, as in the paper, so loss and controller
+                # do not pull against each other.
+                _, slot_experts = select_pool_slots(
+                    grouped[:, : self.num_experts], null_logit, self.num_null_copies, self.topk)
             probs = self._apply_pool_balance_losses(
                 probs, grouped, slot_experts, seq_length, bsz, padding_mask
             )
         if self.training and torch.is_grad_enabled():
-            self._record_statistics(chosen_map, routing_map, padding_mask)
+            self._record_statistics(chosen_map, routing_map, grouped[:, : self.num_experts],
+                                    padding_mask)
         return probs, routing_map
 
     def _apply_pool_balance_losses(self, probs, grouped_logits, slot_experts, seq_length, bsz,
@@ -279,11 +296,11 @@ class NullExpertRouter(TopKRouter):
 
     @torch.no_grad()
     def _record_statistics(self, chosen_map: torch.Tensor, routed_map: torch.Tensor,
-                           padding_mask: Optional[torch.Tensor]):
+                           real_logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         """Add this micro-batch to the counters, on the device and without a host sync.
 
         chosen_map: the routing decision [T, N]; routed_map: what is computed after drops
-        over capacity (the same tensor without a capacity factor).
+        over capacity (the same tensor without a capacity factor); real_logits [T, N].
         """
         real_per_token = chosen_map.sum(dim=-1)
         num_types, width = self.real_experts_histogram.shape
@@ -298,14 +315,17 @@ class NullExpertRouter(TopKRouter):
         if padding_mask is not None:
             counted = counted.masked_fill(padding_mask, 0)
         if self.real_experts_histogram.device != real_per_token.device:
-            self.real_experts_histogram = self.real_experts_histogram.to(real_per_token.device)
-            self.dropped_assignments = self.dropped_assignments.to(real_per_token.device)
+            for name in ("real_experts_histogram", "dropped_assignments", "real_logit_spread_sum"):
+                setattr(self, name, getattr(self, name).to(real_per_token.device))
         # scatter_add_ into fixed-size counters: bincount would size its output on the host.
         self.real_experts_histogram.view(-1).scatter_add_(
             0, types * width + real_per_token, counted)
         if routed_map is not chosen_map:
             dropped = (real_per_token - routed_map.sum(dim=-1)) * counted
             self.dropped_assignments.scatter_add_(0, types, dropped)
+        if self.num_experts > 1:
+            spread_T = real_logits.detach().float().std(dim=-1).nan_to_num(0.0, 0.0, 0.0)
+            self.real_logit_spread_sum += (spread_T * counted).sum()
 
     def pop_routing_statistics(self, by_type: bool = False):
         """Statistics since the last call (this rank's tokens), then reset. Syncs the host.
@@ -314,13 +334,22 @@ class NullExpertRouter(TopKRouter):
         """
         histogram = self.real_experts_histogram.to("cpu", copy=True)
         dropped = self.dropped_assignments.to("cpu", copy=True)
-        self.real_experts_histogram.zero_()
-        self.dropped_assignments.zero_()
+        spread = float(self.real_logit_spread_sum)
+        self.reset_routing_counters()
         rho = self.target_real_fraction
         if by_type:
-            return [RoutingStatistics.from_histogram(row, rho, int(drops))
+            # The logit spread is not kept per type: each type's share is by token count.
+            total = max(int(histogram.sum()), 1)
+            return [RoutingStatistics.from_histogram(row, rho, int(drops),
+                                                     spread * int(row.sum()) / total)
                     for row, drops in zip(histogram, dropped)]
-        return RoutingStatistics.from_histogram(histogram.sum(dim=0), rho, int(dropped.sum()))
+        return RoutingStatistics.from_histogram(histogram.sum(dim=0), rho, int(dropped.sum()),
+                                                spread)
+
+    def reset_routing_counters(self) -> None:
+        for counter in (self.real_experts_histogram, self.dropped_assignments,
+                        self.real_logit_spread_sum):
+            counter.zero_()
 
     def extra_repr(self) -> str:
         rho = self.target_real_fraction

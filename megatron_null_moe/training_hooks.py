@@ -4,8 +4,8 @@ Megatron's loop has no callback for per-step metrics, controllers or FLOPs, so t
 attributes of ``megatron.training.training`` are wrapped while ``null_expert_training()`` is
 active (the entry point and the patched Megatron-LM ``pretrain_gpt.py`` both enter it):
 
-- ``train_step``: after each step (optimizer step included), the routing counts of every
-  MoE layer are summed over all ranks (one all-reduce of [layers, K+2] integers and one
+- ``train_step``: after each step (optimizer step included), the routing counters of every
+  MoE layer are summed over all ranks (one all-reduce of [layers, K+5] numbers and one
   device-to-host copy per step) and, with ``--moe-null-budget-controller``, each layer's
   budget controller takes its step (budget.py).
 - ``num_floating_point_operations``: Megatron counts K routed experts per token; with null
@@ -47,8 +47,7 @@ class NullExpertMonitor:
         self.expected_real_experts: Optional[float] = None  # rho * K, set by configure()
         self._routers: Dict[int, torch.nn.Module] = {}
         self._iteration = None
-        self.counts = None  # [layers, K+2] on the host: columns 0..K tokens, K+1 dropped
-        self.biases = None  # [layers] selection bias each layer used this step (controller)
+        self.counters = None  # [layers, K+5] on the host, see collect_layer_counters
 
     def configure(self, args) -> Optional[NullExpertConfig]:
         """After Megatron parsed ``args``: check the null-expert flags, say at start-up what
@@ -90,31 +89,37 @@ class NullExpertMonitor:
         if self.null_config is None:
             return
         num_layers = args.num_layers + (args.mtp_num_layers or 0)
-        self.counts = collect_layer_counts(self.routers, num_layers, args.moe_router_topk)
-        if self.controlled:
-            self.biases = collect_layer_biases(self.routers, num_layers)
-            target = self.expected_real_experts / args.moe_router_topk
-            fractions = {layer: statistics.real_fraction for layer, statistics
-                         in self.layer_statistics(target).items()}
-            update_null_budgets(self.routers, fractions)
+        self.counters = collect_layer_counters(self.routers, num_layers, args.moe_router_topk)
         self._iteration = args.curr_iteration
+        if self.controlled:
+            update_null_budgets(self.routers, self.layer_statistics(args))
 
-    def layer_statistics(self, target_real_fraction: float) -> Dict[int, RoutingStatistics]:
+    def _target(self, args) -> float:
+        return (self.expected_real_experts or args.moe_router_topk) / args.moe_router_topk
+
+    def layer_statistics(self, args) -> Dict[int, RoutingStatistics]:
         """Global layer number -> this step's statistics, for the layers that routed tokens."""
+        if self.counters is None or self._iteration != args.curr_iteration:
+            return {}
         statistics = {}
-        for index, row in enumerate(self.counts):
-            layer = RoutingStatistics.from_histogram(row[:-1], target_real_fraction, int(row[-1]))
+        for index, row in enumerate(self.counters):
+            layer = _statistics_from_counters(row, self._target(args))
             if layer.num_tokens:
                 statistics[index + 1] = layer
         return statistics
 
+    def layer_biases(self, args) -> Dict[int, float]:
+        """Global layer number -> the null selection bias the layer used this step."""
+        if self.counters is None or self._iteration != args.curr_iteration:
+            return {}
+        return {index + 1: float(row[-2] / row[-1]) for index, row in enumerate(self.counters)
+                if row[-1] > 0}
+
     def iteration_statistics(self, args) -> RoutingStatistics:
         """This step's statistics over all MoE layers and ranks (empty before a step ran)."""
-        target = (self.expected_real_experts or args.moe_router_topk) / args.moe_router_topk
-        if self.counts is None or self._iteration != args.curr_iteration:
-            return RoutingStatistics((0,) * (args.moe_router_topk + 1), target)
-        total = self.counts.sum(dim=0)
-        return RoutingStatistics.from_histogram(total[:-1], target, int(total[-1]))
+        if self.counters is None or self._iteration != args.curr_iteration:
+            return RoutingStatistics((0,) * (args.moe_router_topk + 1), self._target(args))
+        return _statistics_from_counters(self.counters.sum(dim=0), self._target(args))
 
     def mean_computed_experts(self, args) -> Optional[float]:
         """Measured expert computations per token over all MoE layers (None: none routed)."""
@@ -134,35 +139,36 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
             f"experts per token on average, each token between {fewest} and {most}); {holder}.")
 
 
-def collect_layer_counts(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
-    """[layers, K+2] int64 on the host, summed over ``group`` (default: every rank), the
-    routers' counters reset: column r < K+1 counts tokens whose routing chose r real experts,
-    column K+1 the real assignments dropped over capacity. Row l is global layer l+1."""
+def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
+    """[layers, K+5] float64 on the host, summed over ``group`` (default: every rank); the
+    routers' counters are reset. Row l is global layer l+1; columns: 0..K tokens whose routing
+    chose r real experts, K+1 real assignments dropped over capacity, K+2 the sum of the
+    tokens' real-logit spreads, K+3 the sum of the replicas' null selection biases, K+4 the
+    number of replicas with a controlled bias (their mean is the bias: replicas agree).
+
+    float64 holds the integer counts exactly (below 2**53) and lets one all-reduce carry all.
+    """
     device = torch.device("cuda", torch.cuda.current_device()) \
         if torch.cuda.is_available() else torch.device("cpu")
-    counts = torch.zeros(num_layers, topk + 2, dtype=torch.int64, device=device)
+    counters = torch.zeros(num_layers, topk + 5, dtype=torch.float64, device=device)
     for router in routers:
-        row = counts[router.global_layer_number - 1]
-        row[:-1] += router.real_experts_histogram.sum(dim=0).to(device)
-        row[-1] += router.dropped_assignments.sum().to(device)
-        router.real_experts_histogram.zero_()
-        router.dropped_assignments.zero_()
-    torch.distributed.all_reduce(counts, group=group)
-    return counts.cpu()  # host copy: FLOPs, the controller's error and logs are Python numbers
-
-
-def collect_layer_biases(routers, num_layers: int, group=None) -> torch.Tensor:
-    """[layers] fp32 on the host: each layer's null selection bias (nan where no router of
-    ``group`` has one). Replicas of a layer hold the same value, so a max gathers it."""
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if torch.cuda.is_available() else torch.device("cpu")
-    biases = torch.full((num_layers,), float("-inf"), device=device)
-    for router in routers:
+        row = counters[router.global_layer_number - 1]
+        row[:topk + 1] += router.real_experts_histogram.sum(dim=0).to(device)
+        row[topk + 1] += router.dropped_assignments.sum().to(device)
+        row[topk + 2] += router.real_logit_spread_sum.to(device)[0]
         if budget_controlled(router):
-            biases[router.global_layer_number - 1] = router.null_selection_bias.to(device)[0]
-    torch.distributed.all_reduce(biases, op=torch.distributed.ReduceOp.MAX, group=group)
-    biases = biases.cpu()
-    return biases.masked_fill(biases == float("-inf"), float("nan"))
+            row[topk + 3] += router.null_selection_bias.to(device)[0]
+            row[topk + 4] += 1
+        router.reset_routing_counters()
+    torch.distributed.all_reduce(counters, group=group)
+    return counters.cpu()  # host copy: FLOPs, the controller's error and logs are Python numbers
+
+
+def _statistics_from_counters(row: torch.Tensor, target_real_fraction: float
+                              ) -> RoutingStatistics:
+    topk = row.numel() - 5
+    return RoutingStatistics.from_histogram(row[:topk + 1].round().long(), target_real_fraction,
+                                            int(row[topk + 1]), float(row[topk + 2]))
 
 
 def null_expert_train_step(original, monitor: NullExpertMonitor):
@@ -197,17 +203,17 @@ def null_expert_flops(original, measure_computed_experts):
     return num_floating_point_operations
 
 
-def layer_scalars(monitor: NullExpertMonitor, target_real_fraction: float
-                  ) -> Dict[int, Dict[str, float]]:
+def layer_scalars(monitor: NullExpertMonitor, args) -> Dict[int, Dict[str, float]]:
     """Per MoE layer (1-based) that routed tokens this step: its TensorBoard scalars."""
+    biases = monitor.layer_biases(args) if monitor.controlled else {}
     scalars = {}
-    for layer, statistics in monitor.layer_statistics(target_real_fraction).items():
+    for layer, statistics in monitor.layer_statistics(args).items():
         scalars[layer] = {"real_fraction": statistics.real_fraction,
                           "zero_real_fraction": statistics.zero_real_fraction}
         if statistics.dropped_real_slots:
             scalars[layer]["dropped_fraction"] = statistics.dropped_fraction
-        if monitor.biases is not None:
-            scalars[layer]["budget_bias"] = float(monitor.biases[layer - 1])
+        if layer in biases:
+            scalars[layer]["budget_bias"] = biases[layer]
     return scalars
 
 
@@ -222,12 +228,12 @@ def log_line_values(monitor: NullExpertMonitor, args) -> Dict[str, float]:
               "null zero-real tokens": statistics.zero_real_fraction}
     if args.moe_expert_capacity_factor is not None:
         values["null dropped real assignments"] = statistics.dropped_fraction
-    if monitor.biases is not None:
+    if monitor.controlled:
         target = statistics.target_real_fraction
-        layers = monitor.layer_statistics(target)
-        values["null budget bias"] = float(monitor.biases.nanmean())
+        biases = monitor.layer_biases(args)
+        values["null budget bias"] = sum(biases.values()) / max(len(biases), 1)
         values["null worst layer real fraction error"] = max(
-            abs(layer.real_fraction - target) for layer in layers.values())
+            abs(layer.real_fraction - target) for layer in monitor.layer_statistics(args).values())
     return values
 
 
@@ -247,8 +253,7 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
         report = original(loss_dict, total_loss_dict, learning_rate, iteration, *more, **kwargs)
         writer = get_tensorboard_writer()
         if writer is not None and iteration % args.log_interval == 0 and values:
-            target = monitor.iteration_statistics(args).target_real_fraction
-            for layer, scalars in layer_scalars(monitor, target).items():
+            for layer, scalars in layer_scalars(monitor, args).items():
                 for name, value in scalars.items():
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         return report

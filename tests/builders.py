@@ -28,10 +28,12 @@ def moe_layer_partial(null_config=None):
     return spec.submodules.mlp
 
 
-def build_moe_layer(config: TransformerConfig, real_fraction=None, seed=0, layer_number=1):
+def build_moe_layer(config: TransformerConfig, real_fraction=None, seed=0, layer_number=1,
+                    budget_control_rate=None):
     """Upstream MoELayer when real_fraction is None, else the null-expert layer."""
     torch.manual_seed(seed)
-    null_config = None if real_fraction is None else NullExpertConfig(real_fraction=real_fraction)
+    null_config = None if real_fraction is None else NullExpertConfig(
+        real_fraction=real_fraction, budget_control_rate=budget_control_rate)
     layer = moe_layer_partial(null_config)(config=config)
     layer.set_layer_number(layer_number)
     return layer

@@ -7,6 +7,7 @@ import pytest
 from megatron.training.arguments import add_megatron_arguments
 from megatron.training.training import num_floating_point_operations
 
+from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.training_hooks import NullExpertMonitor, layer_scalars, null_expert_flops
 
 
@@ -43,16 +44,26 @@ def test_no_measurement_keeps_megatron_count():
     assert flops(gpt_args(8), 16) == num_floating_point_operations(gpt_args(8), 16)
 
 
-def test_layer_scalars_from_counts():
+def test_layer_scalars_from_counters():
+    from types import SimpleNamespace
+
     import torch
 
     monitor = NullExpertMonitor()
-    # K=2: tokens with 0, 1, 2 real experts, then dropped assignments; layer 2 routed nothing
-    monitor.counts = torch.tensor([[2, 0, 2, 0], [0, 0, 0, 0], [0, 4, 0, 1]])
-    scalars = layer_scalars(monitor, target_real_fraction=0.5)
+    args = SimpleNamespace(curr_iteration=3, moe_router_topk=2)
+    monitor.expected_real_experts, monitor._iteration = 1.0, 3
+    # K=2: tokens with 0, 1, 2 real experts, dropped, spread sum, bias sum, bias replicas;
+    # layer 2 routed nothing
+    monitor.counters = torch.tensor([[2, 0, 2, 0, 4.0, 1.0, 2], [0, 0, 0, 0, 0, 0, 0],
+                                     [0, 4, 0, 1, 2.0, -0.5, 1]], dtype=torch.float64)
+    scalars = layer_scalars(monitor, args)
     assert sorted(scalars) == [1, 3]
     assert scalars[1] == {"real_fraction": 0.5, "zero_real_fraction": 0.5}
     assert scalars[3] == {"real_fraction": 0.5, "zero_real_fraction": 0.0,
                           "dropped_fraction": 0.25}
-    monitor.biases = torch.tensor([0.5, float("nan"), -0.25])
-    assert layer_scalars(monitor, 0.5)[3]["budget_bias"] == -0.25
+    monitor.null_config = NullExpertConfig(0.5, budget_control_rate=0.3)
+    scalars = layer_scalars(monitor, args)
+    assert scalars[1]["budget_bias"] == 0.5 and scalars[3]["budget_bias"] == -0.5
+    assert monitor.layer_statistics(args)[1].real_logit_spread == 1.0
+    args.curr_iteration = 4  # a step whose counters were not collected shows nothing
+    assert layer_scalars(monitor, args) == {}

@@ -59,18 +59,23 @@ def scalars(log_dir: Path) -> dict:
 
 
 def _resume_equals_uninterrupted(tmp_path, nproc, *parallel):
+    """Megatron's default dropout (0.1) and the budget controller on: the resumed run's
+    losses, statistics and controller biases equal the uninterrupted run's."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()
     resumed.mkdir()
     checkpoint = str(tmp_path / "checkpoint")
     output = run_pretrain(straight, "--train-iters", "6", "--save", checkpoint,
-                          "--save-interval", "3", *parallel, nproc=nproc)
+                          "--save-interval", "3", "--moe-null-budget-controller", *parallel,
+                          nproc=nproc)
     assert "null real fraction" in output  # Megatron's log line carries the statistics
     run_pretrain(resumed, "--train-iters", "6", "--load", checkpoint, "--ckpt-step", "3",
-                 *parallel, nproc=nproc)
+                 "--moe-null-budget-controller", *parallel, nproc=nproc)
     first, second = scalars(straight), scalars(resumed)
     assert sorted(second["lm loss"]) == [4, 5, 6]
-    for tag in ("lm loss", "null real fraction", "null zero-real tokens"):
+    assert first["null_moe/budget_bias_layer_01"][4] != 0  # the controller has moved it
+    for tag in ("lm loss", "null real fraction", "null zero-real tokens", "null budget bias",
+                "null_moe/budget_bias_layer_01", "null_moe/budget_bias_layer_02"):
         for step in (4, 5, 6):
             assert second[tag][step] == pytest.approx(first[tag][step], rel=1e-5, abs=1e-7), (
                 tag, step)
@@ -82,7 +87,8 @@ def test_single_process_trains_saves_and_resumes_exactly(tmp_path):
     for tag in ("null real experts/token", "null expected real experts/token",
                 "null real fraction", "null zero-real tokens", "global_load_balancing_loss",
                 "z_loss", "null_moe/real_fraction_layer_01", "null_moe/real_fraction_layer_02",
-                "null_moe/zero_real_fraction_layer_01"):
+                "null_moe/zero_real_fraction_layer_01", "null budget bias",
+                "null worst layer real fraction error"):
         assert tag in tensorboard, tag
     assert set(tensorboard["null expected real experts/token"].values()) == {1.0}
 
@@ -102,6 +108,24 @@ def test_real_fraction_tracks_target(tmp_path):
     late = [real[step] for step in range(51, 61)]
     assert abs(sum(late) / len(late) - 0.5) < 0.05, late
     assert real[1] > 0.6
+
+
+def test_budget_controller_holds_every_layer_on_target(tmp_path):
+    """--moe-null-budget-controller at its default rate, the paper's balance coefficient:
+    each layer's real fraction averaged over iterations 21-60 is within 0.01 of rho = 0.5
+    (measured on the CPU: 0.500 and 0.501; without the controller 0.66 and 0.69), and the
+    measured expert FLOPs are within 2% of the expected."""
+    output = run_pretrain(tmp_path, "--train-iters", "60", "--moe-null-budget-controller")
+    assert "budget controller on (rate 1)" in output
+    logged = scalars(tmp_path)
+    for layer in ("01", "02"):
+        real = logged[f"null_moe/real_fraction_layer_{layer}"]
+        late = [real[step] for step in range(21, 61)]
+        assert abs(sum(late) / len(late) - 0.5) < 0.01, (layer, late)
+    measured = logged["null real experts/token"]
+    expected = logged["null expected real experts/token"]
+    ratio = sum(measured[s] for s in range(21, 61)) / sum(expected[s] for s in range(21, 61))
+    assert abs(ratio - 1) < 0.02, ratio
 
 
 def test_bad_flags_fail_at_start_up(tmp_path):
