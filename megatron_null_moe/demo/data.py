@@ -4,9 +4,15 @@ Each sample is ``BOS, 16 image tokens, SEP, text bytes, EOS``: a 16x16 handwritt
 (a 5x7 glyph scaled by 2 at a random place, with dropped ink and speckles) cut into 4x4
 patches, each patch one of 16 tokens (which of its 2x2 quadrants hold ink; blank background is
 one token, so many image tokens are redundant), followed by a caption such as "seven odd up
-left" (digit, parity, where the glyph sits) in a byte-level tokenizer. As in VLM pretraining the loss is on the text tokens only.
+left zqkt" (digit, parity, where the glyph sits, and the catalogue code of that digit at that
+place) in a byte-level tokenizer. As in VLM pretraining the loss is on the text tokens only.
 
-Shapes: B samples, S = 40 positions, P = 16 patches.
+The codes make the task hard enough that configurations still differ after the default run:
+reading the digit and its place saturates within a few hundred steps, while the 90 codes (one
+per digit and place, random letters fixed for all runs) must be memorised, which takes model
+capacity and keeps the loss falling.
+
+Shapes: B samples, S = 48 positions, P = 16 patches.
 """
 
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ _GLYPHS = {  # 5 wide, 7 high
 }
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-IMAGE_SIZE, PATCH, SEQUENCE_LENGTH = 16, 4, 40
+IMAGE_SIZE, PATCH, SEQUENCE_LENGTH = 16, 4, 48
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 IMAGE_OFFSET = 4  # image tokens 4..19
@@ -47,10 +53,28 @@ class Batch:
     captions: list  # [B] str
 
 
+CODE_LETTERS = 5
+TOPS, LEFTS = IMAGE_SIZE - 14 + 1, IMAGE_SIZE - 10 + 1  # where the scaled glyph can sit
+_CODE_SEED = 20260118  # the catalogue is the same in every run and seed
+
+
+def _catalogue() -> dict:
+    """(digit, top, left) -> a code of CODE_LETTERS random lowercase letters."""
+    generator = torch.Generator().manual_seed(_CODE_SEED)
+    letters = torch.randint(0, 26, (10, TOPS, LEFTS, CODE_LETTERS), generator=generator)
+    return {(d, t, l): "".join(chr(ord("a") + int(c)) for c in letters[d, t, l])
+            for d in range(10) for t in range(TOPS) for l in range(LEFTS)}
+
+
+_CODES = _catalogue()
+
+
 def caption(digit: int, top: int, left: int) -> str:
-    vertical = ("up", "mid", "low")[top]
+    """E.g. "seven odd up left zqktw": the code depends on the exact place, not only on
+    the coarse one the words name."""
     horizontal = "left" if left < 2 else "center" if left < 5 else "right"
-    return f"{_WORDS[digit]} {'even' if digit % 2 == 0 else 'odd'} {vertical} {horizontal}"
+    return (f"{_WORDS[digit]} {'even' if digit % 2 == 0 else 'odd'} "
+            f"{('up', 'mid', 'low')[top]} {horizontal} {_CODES[digit, top, left]}")
 
 
 def encode_text(text: str) -> list:
@@ -63,8 +87,8 @@ def draw_digit(digit: int, generator: torch.Generator):
     glyph = torch.tensor([[int(c) for c in row] for row in _GLYPHS[digit]], dtype=torch.float32)
     glyph = glyph.repeat_interleave(2, 0).repeat_interleave(2, 1)  # [14, 10]
     image = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
-    top = int(torch.randint(0, IMAGE_SIZE - 14 + 1, (1,), generator=generator))
-    left = int(torch.randint(0, IMAGE_SIZE - 10 + 1, (1,), generator=generator))
+    top = int(torch.randint(0, TOPS, (1,), generator=generator))
+    left = int(torch.randint(0, LEFTS, (1,), generator=generator))
     image[top:top + 14, left:left + 10] = glyph
     dropped = torch.rand(IMAGE_SIZE, IMAGE_SIZE, generator=generator) < 0.1
     speckles = torch.rand(IMAGE_SIZE, IMAGE_SIZE, generator=generator) < 0.01

@@ -4,33 +4,46 @@ The model is Megatron-Core's GPTModel with the plugin's layers (local spec); the
 plain AdamW loop so that several configurations and seeds fit in minutes on a CPU.
 """
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_null_moe.budget import DEFAULT_RATE, update_null_budgets
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.demo import data
-from megatron_null_moe.metrics import pop_layer_statistics, set_token_types
+from megatron_null_moe.metrics import (
+    RoutingStatistics,
+    null_expert_routers,
+    pop_layer_statistics,
+    set_token_types,
+)
 from megatron_null_moe.spec import with_null_experts
 
-_CONFIG_NAME = re.compile(r"^K(\d+)_(\d+(?:\.\d+)?)$")
+BUDGET_SUFFIX = "+budget"
+_CONFIG_NAME = re.compile(r"^K(\d+)_(\d+(?:\.\d+)?)(\+budget)?$")
 
 
 @dataclass(frozen=True)
 class RoutingSetup:
-    """A configuration as the paper names it, e.g. K8_0.5: top-8 at real fraction 0.5."""
+    """A configuration as the paper names it, e.g. K8_0.5: top-8 at real fraction 0.5;
+    K8_0.5+budget: the same with the budget controller holding rho."""
 
     topk: int
     real_fraction: float
+    budget_control: bool = False
 
     @classmethod
     def parse(cls, name: str, num_experts: int) -> "RoutingSetup":
         match = _CONFIG_NAME.match(name)
         if not match:
-            raise ValueError(f"--configs: {name!r} is not K<topk>_<rho> (e.g. K2_1.0, K4_0.5)")
-        setup = cls(int(match[1]), float(match[2]))
+            raise ValueError(f"--configs: {name!r} is not K<topk>_<rho>[+budget] (e.g. K2_1.0, "
+                             "K4_0.5, K4_0.5+budget)")
+        setup = cls(int(match[1]), float(match[2]), budget_control=match[3] is not None)
+        if setup.budget_control and setup.real_fraction == 1:
+            raise ValueError(f"--configs: {name}: rho = 1 has no null experts to control")
         if setup.topk < 1:
             raise ValueError(f"--configs: {name}: top-K must be at least 1")
         null_copies = NullExpertConfig(real_fraction=setup.real_fraction).null_copies_for(
@@ -42,7 +55,12 @@ class RoutingSetup:
 
     @property
     def name(self) -> str:
-        return f"K{self.topk}_{self.real_fraction}"
+        return f"K{self.topk}_{self.real_fraction}" + (BUDGET_SUFFIX if self.budget_control else "")
+
+    @property
+    def null_config(self) -> NullExpertConfig:
+        return NullExpertConfig(real_fraction=self.real_fraction,
+                                budget_control_rate=DEFAULT_RATE if self.budget_control else None)
 
     @property
     def expected_real_experts(self) -> float:
@@ -77,6 +95,8 @@ class RunResult:
     expected_expert_flops: List[float] = field(default_factory=list)  # cumulative, rho*K
     # real fraction of slots by step, layer and token type: [step][layer][type]
     real_fraction: List[List[List[float]]] = field(default_factory=list)
+    layer_real_fraction: List[List[float]] = field(default_factory=list)  # [step][layer], all
+    selection_bias: List[List[float]] = field(default_factory=list)  # [step][layer] used
     eval_loss: float = float("nan")
     eval_real_experts_histogram: Dict[str, List[List[int]]] = field(default_factory=dict)
     example_patch_compute: List[float] = field(default_factory=list)  # [P] mean real experts
@@ -99,7 +119,7 @@ def build_model(model: DemoModel, setup: RoutingSetup):
         attention_dropout=0.0, use_cpu_initialization=True,
     )
     spec = with_null_experts(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
-                             NullExpertConfig(real_fraction=setup.real_fraction))
+                             setup.null_config)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=data.VOCAB_SIZE,
                     max_sequence_length=data.SEQUENCE_LENGTH)
 
@@ -116,13 +136,21 @@ def _forward_loss(gpt, batch: data.Batch, device):
 def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel,
               device: torch.device, on_step: Optional[Callable[[], None]] = None,
               eval_samples: int = 256, log_writer=None) -> RunResult:
-    """Train one configuration from one seed; everything measured, nothing tuned per result."""
+    """Train one configuration from one seed; everything measured, nothing tuned per result.
+
+    A pure function of (setup, seed): the host generator and Megatron's RNG tracker are
+    seeded here, so the result does not depend on which runs came before in the process.
+    """
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
     gpt = build_model(model_shape, setup).to(device)
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=model_shape.learning_rate,
                                   betas=(0.9, 0.95), weight_decay=0.1)
     data_generator = torch.Generator().manual_seed(10_000 + seed)
     result = RunResult(setup=setup.name, seed=seed)
+    routers = [router for _, router in sorted(null_expert_routers(gpt), key=lambda lr: lr[0])]
     flops = expected = 0.0
     gpt.train()
     for step in range(1, steps + 1):
@@ -140,9 +168,13 @@ def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel
                 module.reset_global_aux_loss_tracker()
         by_layer = pop_layer_statistics(gpt, by_type=True)  # layer -> [per token type]
         layers = [by_layer[layer] for layer in sorted(by_layer)]
-        real_slots = sum(s.real_slots for layer in layers for s in layer)
-        tokens = sum(s.num_tokens for layer in layers for s in layer)
-        flops += real_slots * model_shape.expert_flops_per_token
+        merged = {layer: functools.reduce(RoutingStatistics.merged, by_layer[layer])
+                  for layer in by_layer}
+        result.selection_bias.append([_selection_bias(router) for router in routers])
+        update_null_budgets(routers, merged)  # after the optimizer step, as in Megatron's loop
+        computed_slots = sum(s.computed_real_slots for s in merged.values())
+        tokens = sum(s.num_tokens for s in merged.values())
+        flops += computed_slots * model_shape.expert_flops_per_token
         expected += tokens * setup.expected_real_experts * model_shape.expert_flops_per_token
         result.steps.append(step)
         result.train_loss.append(float(loss))
@@ -150,17 +182,31 @@ def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel
         result.expected_expert_flops.append(expected)
         result.real_fraction.append([[s.real_fraction if s.num_tokens else float("nan")
                                       for s in layer] for layer in layers])
+        result.layer_real_fraction.append([merged[layer].real_fraction for layer in sorted(merged)])
         if log_writer is not None:
             log_writer.add_scalar(f"{setup.name}/seed{seed}/train_loss", float(loss), step)
             for layer, fractions in enumerate(result.real_fraction[-1], start=1):
                 for name, value in zip(data.TOKEN_TYPE_NAMES, fractions):
                     log_writer.add_scalar(
                         f"{setup.name}/seed{seed}/real_fraction_layer{layer}_{name}", value, step)
+            for layer, (fraction, bias) in enumerate(
+                    zip(result.layer_real_fraction[-1], result.selection_bias[-1]), start=1):
+                log_writer.add_scalar(f"{setup.name}/seed{seed}/real_fraction_layer{layer}",
+                                      fraction, step)
+                if setup.budget_control:
+                    log_writer.add_scalar(f"{setup.name}/seed{seed}/null_bias_layer{layer}",
+                                          bias, step)
         if on_step is not None:
             on_step()
     _evaluate(gpt, result, model_shape, device, eval_samples, seed)
     set_token_types(gpt, None, num_types=1)
     return result
+
+
+def _selection_bias(router) -> float:
+    """The null selection bias a router used this step (0 without null experts)."""
+    bias = getattr(router, "null_selection_bias", None)
+    return 0.0 if bias is None else float(bias)
 
 
 @torch.no_grad()
