@@ -2,7 +2,9 @@
 and every plugin name it imports exists.
 
 With MEGATRON_LM_REPO set to a Megatron-LM clone (bare or not), the patch is also applied to
-its core_v0.19.0 and the result compiled; nothing in that clone is changed.
+its core_v0.19.0, the result compiled, its --help printed, and the patched script trains on
+the CPU with the null statistics and the budget controller in Megatron's log line and
+TensorBoard; nothing in that clone is changed.
 """
 
 import functools
@@ -14,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from megatron_null_moe.process_groups import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "megatron-lm-core_v0.19.0-null-experts.patch"
@@ -101,14 +105,16 @@ def test_malformed_diffs_are_refused(text, problem):
         parse_unified_diff(text)
 
 
-def test_patch_registers_flags_config_and_layer_spec(added_lines):
+def test_patch_registers_flags_hooks_and_layer_spec(added_lines):
     added = "\n".join(added_lines)
-    for name in ("add_null_expert_args", "null_expert_config_from_args", "null_expert_layer_spec"):
+    for name in ("add_null_expert_args", "null_expert_training", "apply_null_expert_spec"):
         assert re.search(rf"\b{name}\b", added), name
     # The plugin's flags chained after ModelOpt's provider, which stays.
     assert "add_modelopt_args(parser)" in added and "add_null_expert_args(parser)" in added
-    assert re.search(r"partial\(\s*null_expert_layer_spec,\s*null_config=null_config", added)
-    assert "model_cfg.transformer_layer_spec =" in added
+    # The loop's hooks (statistics, controller, FLOPs) around parsing and pretrain.
+    assert re.search(r"with null_expert_training\(\) as null_moe:", added)
+    assert "null_config = null_moe.configure(args)" in added
+    assert re.search(r"apply_null_expert_spec\(model_cfg, null_config, custom_spec=", added)
     assert not any("\t" in line for line in added_lines), "Megatron-LM indents with spaces"
 
 
@@ -122,8 +128,7 @@ def test_names_the_patch_imports_exist_in_the_package(added_lines):
         for name in (part.strip() for part in match[2].split(",")):
             assert hasattr(module, name), f"{match[1]} has no {name}"
             names.add(name)
-    assert {"add_null_expert_args", "null_expert_config_from_args",
-            "null_expert_layer_spec"} <= names
+    assert {"add_null_expert_args", "null_expert_training", "apply_null_expert_spec"} <= names
 
 
 def test_layer_spec_partial_fits_megatrons_builder_call():
@@ -157,15 +162,54 @@ def test_patch_applies_to_megatron_lm_core_v0_19_0(tmp_path):
     checked = subprocess.run([*git, "apply", "--cached", "--check", str(PATCH)], env=env,
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-
-    original = subprocess.run([*git, "show", f"{MEGATRON_LM_TAG}:{TARGET}"], check=True,
-                              capture_output=True, text=True).stdout
-    work = tmp_path / "tree"
-    work.mkdir()
-    (work / TARGET).write_text(original)
-    applied = subprocess.run(["git", "apply", str(PATCH)], cwd=work, capture_output=True,
-                             text=True, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
-    assert applied.returncode == 0, applied.stderr
-    patched = (work / TARGET).read_text()
+    patched = (_patched_scripts(git_dir, tmp_path) / TARGET).read_text()
     compile(patched, TARGET, "exec")
-    assert patched.count("add_null_expert_args") >= 2 and "null_expert_layer_spec" in patched
+    assert patched.count("add_null_expert_args") >= 2 and "null_expert_training" in patched
+
+
+def _patched_scripts(git_dir: str, directory: Path) -> Path:
+    """The tag's pretrain_gpt.py (patched) and the two repository files it imports, in
+    ``directory``/tree; Megatron itself comes from the installed megatron-core wheel."""
+    work = directory / "tree"
+    work.mkdir(exist_ok=True)
+    for name in (TARGET, "gpt_builders.py", "model_provider.py"):
+        original = subprocess.run(["git", "--git-dir", git_dir, "show",
+                                   f"{MEGATRON_LM_TAG}:{name}"],
+                                  check=True, capture_output=True, text=True).stdout
+        (work / name).write_text(original)
+    applied = subprocess.run(["git", "apply", str(PATCH)], cwd=work, capture_output=True,
+                             text=True, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(directory)))
+    assert applied.returncode == 0, applied.stderr
+    return work
+
+
+def test_patched_script_prints_help_and_trains_with_null_statistics_on_the_cpu(tmp_path):
+    """Megatron-LM's own script with the patch, on the CPU (the plugin's harness, gloo), 4
+    iterations with the budget controller: its log line and TensorBoard get the null
+    statistics, the same as the entry point's."""
+    import sys
+
+    from test_pretrain import TINY_GPT, scalars
+
+    work = _patched_scripts(_megatron_lm_git_dir(), tmp_path)
+    environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                       PYTHONWARNINGS="ignore")
+    shown = subprocess.run([sys.executable, TARGET, "--help"], cwd=work, capture_output=True,
+                           text=True, timeout=300, env=dict(environment, RANK="0"))
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "--moe-null-budget-controller" in shown.stdout
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-port", str(free_port()), TARGET, *TINY_GPT, "--train-iters", "4",
+               "--moe-null-budget-controller", "--tensorboard-dir", str(tmp_path / "tb")]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
+                            env=environment)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "no CUDA, running on the CPU through the CPU harness" in output
+    for key in ("null real fraction", "null expected real experts/token", "null budget bias",
+                "null worst layer real fraction error"):
+        assert key in output, key
+    logged = scalars(tmp_path)
+    for tag in ("null real fraction", "null_moe/real_fraction_layer_01",
+                "null_moe/budget_bias_layer_02"):
+        assert sorted(logged[tag]) == [1, 2, 3, 4], tag
