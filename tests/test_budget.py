@@ -134,15 +134,19 @@ def test_budget_state_stays_fp32_in_a_bf16_model(parallel_state):
     assert router.real_logit_spread_sum.dtype == torch.float32
 
 
-def _controller_step_on_ranks(rank, world_size, weights, inputs):
-    """One routed micro-batch per rank of an EP layer, counters summed over every rank, one
-    controller step; returns the bias and the global real fraction."""
+def _controller_step_on_ranks(rank, world_size, parallel_sizes, overrides, weights, inputs):
+    """One step of micro-batches per rank (its tokens), the counters summed over every rank,
+    one controller step; returns the bias and the global real fraction."""
     from megatron_null_moe.cpu import destroy_cpu_parallel_state, init_cpu_parallel_state
-    from megatron_null_moe.training_hooks import collect_layer_counters, _statistics_from_counters
+    from megatron_null_moe.training_hooks import _statistics_from_counters, collect_layer_counters
 
-    init_cpu_parallel_state(expert_model_parallel_size=world_size)
+    init_cpu_parallel_state(**parallel_sizes)
     try:
-        config = moe_config(expert_model_parallel_size=world_size)
+        config = moe_config(
+            tensor_model_parallel_size=parallel_sizes.get("tensor_model_parallel_size", 1),
+            expert_model_parallel_size=parallel_sizes.get("expert_model_parallel_size", 1),
+            expert_tensor_parallel_size=parallel_sizes.get("expert_tensor_parallel_size"),
+            **overrides)
         layer = build_moe_layer(config, real_fraction=0.5, budget_control_rate=1.0)
         layer.router.load_state_dict(weights)
         layer.train()
@@ -152,22 +156,31 @@ def _controller_step_on_ranks(rank, world_size, weights, inputs):
         statistics = {1: _statistics_from_counters(counters[0], 0.5)}
         update_null_budgets([layer.router], statistics)
         return {"bias": layer.router.null_selection_bias.clone(),
-                "real_fraction": statistics[1].real_fraction}
+                "real_fraction": statistics[1].real_fraction,
+                "tokens": statistics[1].num_tokens}
     finally:
         destroy_cpu_parallel_state()
 
 
 @pytest.mark.world_size(2)
-def test_expert_parallel_controller_step_equals_one_process(parallel_state):
-    """EP=2 (two data-parallel ranks, two micro-batches each): the counters reduced over the
-    ranks give every replica the bias one process computes from all four micro-batches."""
+@pytest.mark.parametrize("parallel_sizes,overrides", [
+    ({"expert_model_parallel_size": 2}, {}),
+    ({"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1},
+     {"sequence_parallel": True}),
+], ids=["EP2", "TP2-SP"])
+def test_parallel_controller_step_equals_one_process(parallel_state, parallel_sizes, overrides):
+    """Two ranks (EP=2: two data-parallel ranks; TP=2 with sequence parallelism: two halves
+    of each sequence), two micro-batches each: the counters summed over the ranks give every
+    replica the bias one process computes from all the tokens."""
     router = build_moe_layer(moe_config(), real_fraction=0.5, seed=9).router
     weights = {k: v.clone() for k, v in router.state_dict().items()}
     generator = torch.Generator().manual_seed(10)
     inputs = [[torch.randn(6, 2, 16, generator=generator) for _ in range(2)] for _ in range(2)]
-    ranks = run_on_ranks(_controller_step_on_ranks, 2, weights, inputs)
-    single = run_on_ranks(_controller_step_on_ranks, 1, weights,
+    ranks = run_on_ranks(_controller_step_on_ranks, 2, parallel_sizes, overrides, weights,
+                         inputs)
+    single = run_on_ranks(_controller_step_on_ranks, 1, {}, {}, weights,
                           [[hidden for rank in inputs for hidden in rank]])
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == single[0]["tokens"] == 48
     assert ranks[0]["real_fraction"] == ranks[1]["real_fraction"] == single[0]["real_fraction"]
     assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
     assert torch.equal(ranks[0]["bias"], single[0]["bias"]) and float(single[0]["bias"]) != 0

@@ -128,6 +128,17 @@ def test_budget_controller_holds_every_layer_on_target(tmp_path):
     assert abs(ratio - 1) < 0.02, ratio
 
 
+def test_capacity_drops_are_logged_apart_from_null_choices(tmp_path):
+    """--moe-expert-capacity-factor: the real fraction is what the routing chose; the dropped
+    real assignments get their own log value and per-layer scalar."""
+    output = run_pretrain(tmp_path, "--train-iters", "2", "--moe-expert-capacity-factor", "0.5")
+    assert "null dropped real assignments" in output
+    logged = scalars(tmp_path)
+    assert logged["null dropped real assignments"][1] > 0
+    assert logged["null_moe/dropped_fraction_layer_01"][1] > 0
+    assert logged["null real fraction"][1] > 0.5  # chosen, before the drops
+
+
 def test_bad_flags_fail_at_start_up(tmp_path):
     command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT,
                "--moe-router-score-function", "sigmoid", "--train-iters", "1"]
