@@ -6,8 +6,9 @@
 #   bash examples/pretrain_1gpu_quickstart.sh --train-iters 20     # extra args go last and win
 #
 # 4 layers, hidden 512, 8 experts top-4 with rho = 0.5: M = 8 null copies, so each token uses
-# 0..4 real experts, 2 on average (the expert FLOPs of top-2). Balance loss over the N+M pool at
-# global-batch scope, coefficients as in the paper (aux 2e-2, z 1e-3).
+# 0..4 real experts, 2 on average (the expert FLOPs of top-2), held per layer by the budget
+# controller. Balance loss over the N+M pool at global-batch scope, coefficients as in the
+# paper (aux 2e-2, z 1e-3).
 set -euo pipefail
 
 GPUS=${GPUS:-1}
@@ -51,6 +52,7 @@ ARGS=(
     --moe-z-loss-coeff 1e-3
     --moe-null-expert-rho "${RHO}"
     --moe-null-balance-scope global
+    --moe-null-budget-controller
 
     # Parallelism (EP*TP*PP must divide GPUS; --num-experts must be divisible by EP).
     --tensor-model-parallel-size "${TP}"

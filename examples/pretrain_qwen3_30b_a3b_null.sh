@@ -9,7 +9,8 @@
 #
 # Model: 48 layers, hidden 2048, 32 query heads over 4 KV groups (GQA), head dim 128, 128 experts
 # of FFN 768 (SwiGLU), top-8. With rho = 0.5 the pool holds M = 128 null copies: each token uses
-# 0..8 real experts, 4 on average, so expert FLOPs are those of top-4 (paper config K8_0.5).
+# 0..8 real experts, 4 on average, so expert FLOPs are those of top-4 (paper config K8_0.5); the
+# budget controller holds that average in every layer.
 #
 # Parallelism for 4-8 nodes x 8 GPUs (H100/H200 80-141 GB):
 #   EP=8  one node's 8 GPUs hold the 128 experts (16 each), so the token all-to-all stays on
@@ -93,6 +94,7 @@ ARGS=(
     --moe-z-loss-coeff 1e-3
     --moe-null-expert-rho "${RHO}"
     --moe-null-balance-scope global
+    --moe-null-budget-controller
 
     # Parallelism (see the header).
     --tensor-model-parallel-size "${TP}"

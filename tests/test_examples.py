@@ -113,7 +113,7 @@ def test_quickstart_parses_with_null_experts(parser):
     argv = dry_run(QUICKSTART)
     args = parse(parser, argv)
     null_config = null_expert_config_from_args(args)
-    assert null_config.real_fraction == 0.5
+    assert null_config.real_fraction == 0.5 and null_config.budget_control_rate == 1.0
     assert (args.num_experts, args.moe_router_topk) == (8, 4)
     assert null_config.null_copies_for(args.num_experts) == 8      # M = N(1-rho)/rho
     assert args.moe_router_load_balancing_type == "global_aux_loss"
@@ -151,7 +151,7 @@ def test_qwen3_30b_a3b_recipe(parser):
     assert args.tokenizer_type == "HuggingFaceTokenizer"
     assert args.tokenizer_model == "Qwen/Qwen3-30B-A3B"
     null_config = null_expert_config_from_args(args)
-    assert null_config.real_fraction == 0.5
+    assert null_config.real_fraction == 0.5 and null_config.budget_control_rate == 1.0
     assert null_config.null_copies_for(args.num_experts) == 128
     assert args.moe_router_load_balancing_type == "global_aux_loss"
     assert args.expert_model_parallel_size == 8 and args.fp8 is None
