@@ -20,10 +20,11 @@ def grouped_pool_logits(real_logits_TN: torch.Tensor, null_logit_T: Optional[tor
                         num_null_copies: int) -> torch.Tensor:
     """[T, G] logits for the losses only: softmax over them gives each real expert's pool
     probability and the null copies' total, and logsumexp over them equals logsumexp over all
-    N + M pool logits. Computed in at least fp32 (the null column adds log M)."""
-    dtype = selection_dtype(real_logits_TN.dtype)
+    N + M pool logits. With M > 0 in at least fp32 (the null column adds log M); with M = 0
+    the real logits themselves, as upstream's losses see them."""
     if num_null_copies == 0:
-        return real_logits_TN.to(dtype)
+        return real_logits_TN
+    dtype = selection_dtype(real_logits_TN.dtype)
     null_group_T1 = null_logit_T.to(dtype).unsqueeze(-1) + math.log(num_null_copies)
     return torch.cat([real_logits_TN.to(dtype), null_group_T1], dim=-1)
 

@@ -22,10 +22,14 @@ def test_spec_builds_null_layer_and_router(parallel_state):
     assert layer.router.num_null_copies == 8 and tuple(layer.router.null_weight.shape) == (1, 16)
 
 
-def test_rho_one_reproduces_upstream_topk_router(parallel_state):
-    config = moe_config(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.05)
-    upstream = TopKRouter(config=config, pg_collection=parallel_state)
-    null = NullExpertRouter(config=config, pg_collection=parallel_state)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rho_one_reproduces_upstream_topk_router(parallel_state, dtype):
+    """Same probs, map, gradients and logged losses; bf16: logits in bf16 (router dtype
+    unset), the losses computed on them as upstream does."""
+    config = moe_config(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.05,
+                        params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    upstream = TopKRouter(config=config, pg_collection=parallel_state).to(dtype)
+    null = NullExpertRouter(config=config, pg_collection=parallel_state).to(dtype)
     assert null.null_weight is None
     null.weight.data.copy_(upstream.weight.data)
     upstream.set_layer_number(1)
@@ -33,7 +37,7 @@ def test_rho_one_reproduces_upstream_topk_router(parallel_state):
     results = []
     for router in (upstream, null):
         get_moe_metrics_tracker().clear()
-        hidden = _hidden(24).requires_grad_(True)
+        hidden = _hidden(24, dtype=dtype).requires_grad_(True)
         probs, routing_map = router(hidden)
         (probs * torch.arange(8.0)).sum().backward()
         metrics = {k: v.values.clone() for k, v in get_moe_metrics_tracker().metrics.items()}
