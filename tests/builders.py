@@ -20,6 +20,16 @@ def moe_config(**overrides) -> TransformerConfig:
     return TransformerConfig(**settings)
 
 
+def moe_config_for(parallel_sizes: dict, **overrides) -> TransformerConfig:
+    """moe_config with the parallel sizes init_cpu_parallel_state was given."""
+    return moe_config(
+        tensor_model_parallel_size=parallel_sizes.get("tensor_model_parallel_size", 1),
+        expert_model_parallel_size=parallel_sizes.get("expert_model_parallel_size", 1),
+        expert_tensor_parallel_size=parallel_sizes.get("expert_tensor_parallel_size"),
+        **overrides,
+    )
+
+
 def moe_layer_partial(null_config=None):
     """functools.partial(MoELayer | NullExpertMoELayer, submodules=...) from the local spec."""
     spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)

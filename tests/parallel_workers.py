@@ -5,7 +5,7 @@ import re
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-from builders import build_moe_layer, moe_config
+from builders import build_moe_layer, moe_config, moe_config_for
 from megatron_null_moe.cpu import destroy_cpu_parallel_state, init_cpu_parallel_state
 
 
@@ -25,12 +25,7 @@ def run_moe_layer(rank, world_size, parallel_sizes, config_overrides, real_fract
     """
     init_cpu_parallel_state(**parallel_sizes)
     try:
-        config = moe_config(
-            tensor_model_parallel_size=parallel_sizes.get("tensor_model_parallel_size", 1),
-            expert_model_parallel_size=parallel_sizes.get("expert_model_parallel_size", 1),
-            expert_tensor_parallel_size=parallel_sizes.get("expert_tensor_parallel_size"),
-            **config_overrides,
-        )
+        config = moe_config_for(parallel_sizes, **config_overrides)
         layer = build_moe_layer(config, real_fraction=real_fraction)
         expert_offset = layer.local_expert_indices[0]
         for name, param in layer.named_parameters():

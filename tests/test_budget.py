@@ -5,7 +5,7 @@ import torch
 
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-from builders import build_moe_layer, moe_config
+from builders import build_moe_layer, moe_config, moe_config_for
 from megatron_null_moe import pop_layer_statistics
 from megatron_null_moe.budget import (
     PROPORTIONAL,
@@ -34,9 +34,9 @@ def _controlled_router(rate=1.0, weight_scale=1.0, rho=0.5, seed=0):
     return router.train()
 
 
-def _hold(router, steps, tokens=256, seed=1):
+def _hold(router, steps, generator=None, tokens=256):
     """Route fresh tokens each step, then one controller step; real fraction per step."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator or torch.Generator().manual_seed(1)
     fractions = []
     for _ in range(steps):
         router(torch.randn(tokens, 1, 16, generator=generator))
@@ -90,37 +90,18 @@ def test_controller_off_keeps_the_papers_routing(parallel_state):
 
 def test_controller_state_is_checkpointed_and_resumes_exactly(parallel_state):
     straight = _controlled_router(rate=1.0)
-    expected = _hold(straight, 10, seed=7)
+    expected = _hold(straight, 10, torch.Generator().manual_seed(7))
     first = _controlled_router(rate=1.0)
-    head = _hold(first, 5, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    head = _hold(first, 5, generator)
     saved = {k: v.clone() for k, v in first.state_dict().items()}
     assert {"null_selection_bias", "null_bias_integral"} <= set(saved)
     resumed = _controlled_router(rate=1.0, seed=11)  # different weights until loaded
     resumed.load_state_dict(saved)
     assert resumed.null_bias_in_use
-    generator_state = _advance(7, 5)
-    tail = _hold_from(resumed, 5, generator_state)
+    tail = _hold(resumed, 5, generator)  # the same tokens as the uninterrupted run
     assert head + tail == expected
     assert torch.equal(resumed.null_selection_bias, straight.null_selection_bias)
-
-
-def _advance(seed, steps, tokens=256):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        torch.randn(tokens, 1, 16, generator=generator)
-    return generator.get_state()
-
-
-def _hold_from(router, steps, generator_state, tokens=256):
-    generator = torch.Generator()
-    generator.set_state(generator_state)
-    fractions = []
-    for _ in range(steps):
-        router(torch.randn(tokens, 1, 16, generator=generator))
-        statistics = pop_layer_statistics(router)
-        update_null_budgets([router], statistics)
-        fractions.append(statistics[1].real_fraction)
-    return fractions
 
 
 def test_budget_state_stays_fp32_in_a_bf16_model(parallel_state):
@@ -142,11 +123,7 @@ def _controller_step_on_ranks(rank, world_size, parallel_sizes, overrides, weigh
 
     init_cpu_parallel_state(**parallel_sizes)
     try:
-        config = moe_config(
-            tensor_model_parallel_size=parallel_sizes.get("tensor_model_parallel_size", 1),
-            expert_model_parallel_size=parallel_sizes.get("expert_model_parallel_size", 1),
-            expert_tensor_parallel_size=parallel_sizes.get("expert_tensor_parallel_size"),
-            **overrides)
+        config = moe_config_for(parallel_sizes, **overrides)
         layer = build_moe_layer(config, real_fraction=0.5, budget_control_rate=1.0)
         layer.router.load_state_dict(weights)
         layer.train()
