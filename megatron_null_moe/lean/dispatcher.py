@@ -77,9 +77,10 @@ class LeanTokenDispatcher(MoETokenDispatcher):
 
     def _exchange_split_sizes(self, tokens_per_expert_N: torch.Tensor) -> int:
         """All-gather every rank's per-expert counts; returns the number of rows to send."""
-        counts_EN = tokens_per_expert_N.new_empty(self.ep_size, self.num_experts)
+        counts_EN = tokens_per_expert_N.new_empty(self.ep_size * self.num_experts)
         torch.distributed.all_gather_into_tensor(counts_EN, tokens_per_expert_N,
                                                  group=self.ep_group)
+        counts_EN = counts_EN.view(self.ep_size, self.num_experts)
         local = slice(self.first_local_expert, self.first_local_expert + self.num_local_experts)
         self.received_counts_EL = counts_EN[:, local]
         self.tokens_per_expert = self.received_counts_EL.sum(dim=0)
