@@ -55,6 +55,10 @@ def test_token_dropping_and_swiglu(parallel_state):
                   activation_func=torch.nn.functional.silu))
 
 
+def test_moe_layer_recompute(parallel_state):
+    _compare(dict(recompute_granularity="selective", recompute_modules=["moe"]))
+
+
 def test_shared_experts(parallel_state):
     (out, _, grads), _ = _compare(dict(moe_shared_expert_intermediate_size=32))
     assert grads["shared_experts.linear_fc1.weight"].abs().sum() > 0

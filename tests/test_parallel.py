@@ -101,12 +101,13 @@ def test_lean_checkpoints_interchange_with_sequential_mlp_under_expert_parallel(
 
 
 @pytest.mark.world_size(2)
-def test_tensor_parallel_with_sequence_parallel_equals_single_rank():
+@pytest.mark.parametrize("expert_path", ["megatron", "lean"])
+def test_tensor_parallel_with_sequence_parallel_equals_single_rank(expert_path):
     overrides = dict(NO_AUX, sequence_parallel=True)
     weights = in_process(initial_weights, NO_AUX, 0.5)
     inputs, targets = _data(2, seq_per_rank=5)
     sizes = {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1}
-    _run_and_compare(sizes, 2, overrides, inputs, targets, weights)
+    _run_and_compare(sizes, 2, overrides, inputs, targets, weights, expert_path)
 
 
 @pytest.mark.world_size(2)
