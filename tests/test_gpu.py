@@ -167,6 +167,19 @@ def test_lean_path_never_synchronises_with_one_expert_rank(cuda_parallel_state):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_whole_lean_layer_never_synchronises_with_one_expert_rank(cuda_parallel_state):
+    """Router included (training: losses and statistics), forward and backward."""
+    layer, hidden, _, _, grad = _lean_inputs()
+    layer.train()
+    layer(hidden)[0].backward(grad)  # warm-up: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(hidden)[0].backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_lean_path_replays_as_a_cuda_graph(cuda_parallel_state):
     """Fixed shapes (the worst-case buffer) and no host reads: forward and backward after the
     router capture into one CUDA graph and replay with new tokens."""
