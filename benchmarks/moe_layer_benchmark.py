@@ -132,7 +132,8 @@ class Timer:
         for _ in range(repeats):
             if self.on_gpu:
                 torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
             began = time.perf_counter()
             step()

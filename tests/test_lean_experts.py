@@ -89,7 +89,8 @@ def test_no_rows_at_all_still_gives_zero_weight_gradients(parallel_state):
 
 def test_options_the_lean_experts_cannot_honour_are_refused():
     for overrides, flag in ((dict(add_bias_linear=True), "--disable-bias-linear"),
-                            (dict(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True),
+                            (dict(moe_apply_probs_on_input=True, moe_router_topk=1,
+                                  moe_router_pre_softmax=True),
                              "--moe-apply-probs-on-input")):
         with pytest.raises(ValueError, match=f"lean.*{flag}.*allowed"):
             validate_lean_experts(moe_config(**overrides))

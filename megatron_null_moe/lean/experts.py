@@ -34,6 +34,7 @@ from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_null_moe.lean import grouped_gemm
 from megatron_null_moe.lean.permute import grouped_offsets
+from megatron_null_moe.lean.support import validate_lean_experts
 
 
 def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
@@ -101,8 +102,6 @@ class LeanGroupedExperts(MegatronModule):
 
     def __init__(self, num_local_experts: int, config: TransformerConfig,
                  pg_collection=None, name: Optional[str] = None):
-        from megatron_null_moe.lean.support import validate_lean_experts
-
         validate_lean_experts(config)
         super().__init__(config=config)
         if pg_collection is None:
@@ -123,8 +122,9 @@ class LeanGroupedExperts(MegatronModule):
     def _mark_parallel_attributes(self, config: TransformerConfig) -> None:
         # As Megatron's expert linears: fc1 is column-parallel (GLU halves: stride 2), fc2
         # row-parallel; the stacked layout shifts each partition dim by the expert axis.
-        uses_expert_groups = (config.expert_model_parallel_size > 1 or
-                              config.expert_tensor_parallel_size != config.tensor_model_parallel_size)
+        uses_expert_groups = (
+            config.expert_model_parallel_size > 1
+            or config.expert_tensor_parallel_size != config.tensor_model_parallel_size)
         fc1_stride = 2 if config.gated_linear_unit else 1
         for linear, dim, stride in ((self.linear_fc1, 1, fc1_stride), (self.linear_fc2, 2, 1)):
             set_tensor_model_parallel_attributes(linear.weight, is_parallel=True, dim=dim,
