@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 BALANCE_SCOPE_FLAG = "--moe-null-balance-scope"
 BUDGET_CONTROLLER_FLAG = "--moe-null-budget-controller"
+EXPERT_PATH_FLAG = "--moe-null-expert-path"
+EXPERT_PATH_CHOICES = ("megatron", "lean")  # megatron_null_moe.spec.EXPERT_PATHS
 # Balance-loss scope -> Megatron's --moe-router-load-balancing-type.
 BALANCE_SCOPES = {"micro-batch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
 
@@ -69,6 +71,16 @@ def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help=f"The budget controller's rate: logits of null bias per unit of real-fraction "
              f"error and step (default {DEFAULT_RATE:g}). Needs {BUDGET_CONTROLLER_FLAG}.",
     )
+    group.add_argument(
+        EXPERT_PATH_FLAG, choices=EXPERT_PATH_CHOICES, default="megatron",
+        help="How the MoE layers dispatch and compute experts. megatron (default): "
+             "Megatron's experts (SequentialMLP/TEGroupedMLP from the spec) behind a "
+             "null-aware version of its dispatcher. lean: a device-side sort of the real "
+             "assignments and grouped GEMMs with device offsets (FP8: torch._scaled_grouped_mm);"
+             " no host wait with EP=1, one (the all-to-all split sizes) with EP>1. Needs "
+             "--moe-token-dispatcher-type alltoall, --disable-bias-linear, expert tensor "
+             "parallel size 1. Checkpoints are interchangeable between the two.",
+    )
     return parser
 
 
@@ -79,6 +91,16 @@ def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
         if action.help:
             action.help = re.sub(r"%%|%\(|%", lambda m: m[0] if len(m[0]) == 2 else "%%",
                                  action.help)
+
+
+def null_expert_path_from_args(args: argparse.Namespace) -> str:
+    """The expert path ``--moe-null-expert-path`` asks for ('megatron' unless given)."""
+    path = getattr(args, "moe_null_expert_path", None) or "megatron"
+    if path != "megatron" and getattr(args, "moe_null_expert_rho", None) is None:
+        raise ValueError(
+            f"{EXPERT_PATH_FLAG} {path} needs {RHO_FLAG} (give {RHO_FLAG} 1 for the {path} "
+            f"path without null experts); allowed without it: megatron.")
+    return path
 
 
 def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExpertConfig]:
@@ -94,6 +116,7 @@ def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExper
     rate = getattr(args, "moe_null_budget_rate", None)
     if rate is not None and not controller:
         raise ValueError(f"{BUDGET_RATE_FLAG} needs {BUDGET_CONTROLLER_FLAG}.")
+    null_expert_path_from_args(args)
     if rho is None:
         if copies is not None or scope is not None or controller:
             raise ValueError(

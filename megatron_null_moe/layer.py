@@ -2,7 +2,8 @@
 
 MoELayer builds its router from ``MoESubmodules`` but picks its dispatcher from the string
 ``moe_token_dispatcher_type``; this subclass only swaps in the dispatcher that sends real
-assignments alone. Router, experts and shared experts stay whatever the spec says.
+assignments alone (``dispatcher_class``, which a subclass may override). Router, experts and
+shared experts stay whatever the spec says.
 """
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -20,13 +21,7 @@ class NullExpertMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, name=name)
-        dispatcher_type = config.moe_token_dispatcher_type
-        if dispatcher_type not in NULL_AWARE_DISPATCHERS:
-            raise ValueError(
-                f"moe_token_dispatcher_type (--moe-token-dispatcher-type)={dispatcher_type!r} "
-                f"has no null-aware version; allowed: {', '.join(NULL_AWARE_DISPATCHERS)}."
-            )
-        self.token_dispatcher = NULL_AWARE_DISPATCHERS[dispatcher_type](
+        self.token_dispatcher = self.dispatcher_class(config)(
             self.num_local_experts, self.local_expert_indices, config=config,
             pg_collection=pg_collection,
         )
@@ -35,3 +30,13 @@ class NullExpertMoELayer(MoELayer):
         if hasattr(self, "_training_token_dispatcher"):
             self._training_token_dispatcher = self.token_dispatcher
 
+    @staticmethod
+    def dispatcher_class(config):
+        """The null-aware version of ``moe_token_dispatcher_type``'s dispatcher."""
+        dispatcher_type = config.moe_token_dispatcher_type
+        if dispatcher_type not in NULL_AWARE_DISPATCHERS:
+            raise ValueError(
+                f"moe_token_dispatcher_type (--moe-token-dispatcher-type)={dispatcher_type!r} "
+                f"has no null-aware version; allowed: {', '.join(NULL_AWARE_DISPATCHERS)}."
+            )
+        return NULL_AWARE_DISPATCHERS[dispatcher_type]

@@ -14,37 +14,42 @@ import sys
 from typing import Optional
 
 from megatron_null_moe.config import NullExpertConfig, validate_for_transformer_config
+from megatron_null_moe.lean.support import validate_lean_layer
 from megatron_null_moe.spec import with_null_experts
 
 
 def null_expert_layer_spec(model_config, vp_stage: Optional[int] = None, *,
-                           null_config: NullExpertConfig):
+                           null_config: NullExpertConfig, expert_path: str = "megatron"):
     """Megatron's default GPT layer spec for ``model_config``, with null experts.
 
     Set as ``GPTModelConfig.transformer_layer_spec`` (a callable of the config and vp_stage).
     """
     from megatron.training.models.gpt import default_layer_spec
 
-    return with_null_experts(default_layer_spec(model_config, vp_stage), null_config)
+    return with_null_experts(default_layer_spec(model_config, vp_stage), null_config,
+                             expert_path=expert_path)
 
 
 def apply_null_expert_spec(model_config, null_config: Optional[NullExpertConfig],
-                           custom_spec: bool) -> None:
+                           custom_spec: bool, expert_path: str = "megatron") -> None:
     """Make ``model_config``'s (a GPTModelConfig) layer spec null-expert, when asked.
 
     custom_spec: the user gave ``--spec``, whose spec is wrapped; otherwise Megatron's
-    default spec is built through ``null_expert_layer_spec``.
+    default spec is built through ``null_expert_layer_spec``. expert_path: see
+    ``with_null_experts`` (``--moe-null-expert-path``).
     """
     if null_config is None:
         return
-    # Refuse unsupported router options now, not when the first layer is built.
+    # Refuse unsupported router (and lean-path) options now, not when the first layer is built.
     validate_for_transformer_config(null_config, model_config.transformer)
+    if expert_path == "lean":
+        validate_lean_layer(model_config.transformer)
     if custom_spec:
         model_config.transformer_layer_spec = with_null_experts(
-            model_config.transformer_layer_spec, null_config)
+            model_config.transformer_layer_spec, null_config, expert_path=expert_path)
     else:
         model_config.transformer_layer_spec = functools.partial(
-            null_expert_layer_spec, null_config=null_config)
+            null_expert_layer_spec, null_config=null_config, expert_path=expert_path)
 
 
 def parse_arguments(argv=None):
@@ -74,12 +79,14 @@ def main(argv=None) -> None:
         )
 
         from megatron_null_moe import gpt_step
+        from megatron_null_moe.arguments import null_expert_path_from_args
 
         args = parse_arguments(argv)
         gpt_step.refuse_unsupported(args)
         null_config = monitor.configure(args)
         model_config = gpt_config_from_args(args)
-        apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None)
+        apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None,
+                               expert_path=null_expert_path_from_args(args))
         gpt_step.train_valid_test_datasets_provider.is_distributed = True
         pretrain(
             pretrain_cfg_container_from_args(args, model_config),

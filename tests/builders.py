@@ -1,5 +1,7 @@
 """Small Megatron MoE layers for tests (inside the CPU harness, process groups initialised)."""
 
+import re
+
 import torch
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -30,23 +32,48 @@ def moe_config_for(parallel_sizes: dict, **overrides) -> TransformerConfig:
     )
 
 
-def moe_layer_partial(null_config=None):
-    """functools.partial(MoELayer | NullExpertMoELayer, submodules=...) from the local spec."""
+def moe_layer_partial(null_config=None, expert_path="megatron"):
+    """functools.partial(MoELayer | NullExpertMoELayer | LeanNullExpertMoELayer, ...) from the
+    local spec."""
     spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
     if null_config is not None:
-        spec = with_null_experts(spec, null_config)
+        spec = with_null_experts(spec, null_config, expert_path=expert_path)
     return spec.submodules.mlp
 
 
 def build_moe_layer(config: TransformerConfig, real_fraction=None, seed=0, layer_number=1,
-                    budget_control_rate=None):
-    """Upstream MoELayer when real_fraction is None, else the null-expert layer."""
+                    budget_control_rate=None, expert_path="megatron"):
+    """Upstream MoELayer when real_fraction is None, else the null-expert layer on the given
+    expert path ("megatron": SequentialMLP experts, "lean")."""
     torch.manual_seed(seed)
     null_config = None if real_fraction is None else NullExpertConfig(
         real_fraction=real_fraction, budget_control_rate=budget_control_rate)
-    layer = moe_layer_partial(null_config)(config=config)
+    layer = moe_layer_partial(null_config, expert_path)(config=config)
     layer.set_layer_number(layer_number)
     return layer
+
+
+def named_expert_tensors(layer, tensors="parameters"):
+    """Parameters (or their grads, tensors="grads") by SequentialMLP's global names, for
+    either expert layout: ``experts.local_experts.{global expert}.linear_fc1.weight`` etc.
+
+    Lean experts' stacked weights [L, out, in] are split into per-expert views.
+    """
+    offset = layer.local_expert_indices[0]
+    named = {}
+    for name, param in layer.named_parameters():
+        value = param if tensors == "parameters" else param.grad
+        stacked = re.fullmatch(r"experts\.(linear_fc[12])\.weight", name)
+        sequential = re.fullmatch(r"experts\.local_experts\.(\d+)\.(.*)", name)
+        if stacked:
+            for local in range(layer.num_local_experts):
+                named[f"experts.local_experts.{offset + local}.{stacked[1]}.weight"] = (
+                    None if value is None else value[local])
+        elif sequential:
+            named[f"experts.local_experts.{offset + int(sequential[1])}.{sequential[2]}"] = value
+        else:
+            named[name] = value
+    return named
 
 
 def expert_outputs(layer, hidden_TH: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,11 @@ import pytest
 
 from megatron.training.arguments import add_megatron_arguments
 
-from megatron_null_moe.arguments import add_null_expert_args, null_expert_config_from_args
+from megatron_null_moe.arguments import (
+    add_null_expert_args,
+    null_expert_config_from_args,
+    null_expert_path_from_args,
+)
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
 MOE = ["--num-experts", "8", "--moe-router-topk", "4"]
@@ -40,6 +44,8 @@ def test_explicit_null_copies():
     ((*MOE, "--moe-null-expert-rho", "0.3"), "not a whole number.*--moe-num-null-experts"),
     ((*MOE, "--moe-num-null-experts", "8"), "need --moe-null-expert-rho"),
     ((*MOE, "--moe-null-balance-scope", "global"), "need --moe-null-expert-rho"),
+    ((*MOE, "--moe-null-expert-path", "lean"),
+     "--moe-null-expert-path lean needs --moe-null-expert-rho"),
     ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-num-null-experts", "-2"),
      r"\(--moe-num-null-experts\) must be a whole number >= 0"),
     ((*MOE, "--moe-null-expert-rho", "0.5", "--moe-num-null-experts", "0"),
@@ -57,6 +63,13 @@ def test_explicit_null_copies():
 def test_bad_combinations_fail_naming_the_flags(argv, message):
     with pytest.raises(ValueError, match=message):
         null_expert_config_from_args(parse(*argv))
+
+
+def test_expert_path_flag():
+    assert null_expert_path_from_args(parse(*MOE)) == "megatron"
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-expert-path", "lean")
+    assert null_expert_path_from_args(args) == "lean"
+    assert null_expert_config_from_args(args).real_fraction == 0.5
 
 
 def test_unknown_scope_rejected_by_the_parser(capsys):

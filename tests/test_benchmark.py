@@ -13,7 +13,7 @@ benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark)
 
 
-def test_cpu_smoke_run_reports_every_config_with_ratios(tmp_path, capsys):
+def test_cpu_smoke_run_reports_every_path_and_config_with_ratios(tmp_path, capsys):
     output = tmp_path / "bench.json"
     rows = benchmark.main(["--preset", "cpu-smoke", "--warmup", "1", "--repeats", "3",
                            "--output", str(output)])
@@ -25,8 +25,15 @@ def test_cpu_smoke_run_reports_every_config_with_ratios(tmp_path, capsys):
         assert row["layer_ms"] > 0 and row["router_ms"] > 0
         assert row["vs upstream K8 rho=1"] == pytest.approx(
             row["layer_ms"] / by_name["upstream K8 rho=1"]["layer_ms"])
-    assert json.loads(output.read_text())["rows"] == rows
-    assert "plugin K8 rho=0.5" in capsys.readouterr().out
+    saved = json.loads(output.read_text())
+    assert saved["rows"] == rows and saved["targets"] == []  # targets only on a GPU preset
+    for row in rows:
+        if row["path"] == "lean":
+            # Nothing after the router reads back to the host.
+            assert row["syncs_per_step"] == row["router_syncs_per_step"]
+        else:
+            assert row["syncs_per_step"] > row["router_syncs_per_step"]
+    assert "lean K8 rho=0.5" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -34,3 +41,20 @@ def test_gpu_preset_refused_without_cuda(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_arguments(["--preset", "h100"])
     assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_targets_follow_the_issue():
+    rows = [{"precision": "bf16", "tokens": tokens, "config": config, "layer_ms": ms}
+            for tokens, config, ms in [(16384, "upstream K4 rho=1", 20.0),
+                                       (16384, "upstream K8 rho=1", 25.0),
+                                       (16384, "lean K8 rho=0.5", 9.0),
+                                       (65536, "upstream K4 rho=1", 30.0),
+                                       (65536, "upstream K8 rho=1", 50.0),
+                                       (65536, "lean K8 rho=0.5", 30.0)]]
+    met = {t["target"]: t["met"] for t in benchmark.targets(rows)}
+    assert met["bf16: lean K8 rho=0.5 <= 1.00x upstream K4 rho=1 at 16384 tokens"] is True
+    assert met["bf16: lean K8 rho=0.5 <= 1.00x upstream K4 rho=1 at 65536 tokens"] is True
+    assert met["bf16: lean K8 rho=0.5 <= 0.55x upstream K8 rho=1 at 65536 tokens"] is False
+    assert met["stretch: lean K8 rho=0.5 bf16 at 16384 tokens in 10 ms"] is True
+    assert met["lean K8 rho=0.5 fp8 faster than bf16 at 65536 tokens"] is None
+    assert met["bf16: plugin K8 rho=0.5 <= 1.00x upstream K4 rho=1 at 16384 tokens"] is None

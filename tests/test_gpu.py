@@ -1,7 +1,10 @@
-"""Transformer Engine grouped-GEMM experts under null routing (CUDA + Transformer Engine).
+"""Grouped-GEMM experts under null routing on a GPU (CUDA + Transformer Engine).
 
-Forward and backward of the null-expert layer with TEGroupedMLP experts, BF16 and FP8 (with
-the router padding for quantization), against the same experts applied one by one in fp32.
+Forward and backward of the null-expert layer, against the same experts applied one by one
+in fp32: TEGroupedMLP experts in BF16 and FP8 (with the router padding for quantization),
+and the lean path (torch grouped GEMMs) in BF16 and FP8. The lean path also: never
+synchronises with EP=1 (CUDA's sync debug mode), replays as a CUDA graph, and exchanges
+torch_dist checkpoints with TEGroupedMLP.
 """
 
 import pytest
@@ -23,7 +26,7 @@ def cuda_parallel_state():
         yield
 
 
-def _grouped_layer(**overrides):
+def _grouped_layer(expert_path="megatron", **overrides):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
@@ -42,22 +45,31 @@ def _grouped_layer(**overrides):
     config = TransformerConfig(**settings)
     spec = get_gpt_layer_with_transformer_engine_spec(num_experts=EXPERTS, moe_grouped_gemm=True)
     torch.manual_seed(0)
-    layer = with_null_experts(spec, NullExpertConfig(real_fraction=0.5)).submodules.mlp(
-        config=config
-    )
+    layer = with_null_experts(spec, NullExpertConfig(real_fraction=0.5),
+                              expert_path=expert_path).submodules.mlp(config=config)
     layer.set_layer_number(1)
     return layer.cuda(), config
+
+
+def _expert_weights(layer, name):
+    """Each expert's weight of linear ``name`` (TEGroupedMLP's weight{e} or the lean stack)."""
+    linear = getattr(layer.experts, name)
+    if hasattr(linear, "weight") and linear.weight.dim() == 3:
+        return list(linear.weight.unbind(0)), lambda e: linear.weight.grad[e]
+    params = dict(layer.experts.named_parameters())
+    return ([params[f"{name}.weight{e}"] for e in range(EXPERTS)],
+            lambda e: params[f"{name}.weight{e}"].grad)
 
 
 def _reference(layer, hidden_TH, probs_TN):
     """sum_i w_i fc2_i(act(fc1_i(x))) in fp32, expert by expert, on fp32 leaf copies of the
     expert weights (returned, for their gradients)."""
-    params = dict(layer.experts.named_parameters())
-    fc1_weights = [params[f"linear_fc1.weight{e}"].detach().float().requires_grad_(True)
-                   for e in range(EXPERTS)]
+    fc1_weights = [w.detach().float().requires_grad_(True)
+                   for w in _expert_weights(layer, "linear_fc1")[0]]
+    fc2_weights = _expert_weights(layer, "linear_fc2")[0]
     output = torch.zeros_like(hidden_TH, dtype=torch.float32)
     for expert, fc1 in enumerate(fc1_weights):
-        fc2 = params[f"linear_fc2.weight{expert}"].detach().float()
+        fc2 = fc2_weights[expert].detach().float()
         expert_out = F.gelu(hidden_TH @ fc1.t()) @ fc2.t()
         output = output + probs_TN[:, expert : expert + 1].float() * expert_out
     return output, fc1_weights
@@ -81,9 +93,9 @@ def _check(layer, fp8_context, tolerance):
     target = torch.randn_like(expected)
     (output.reshape(-1, HIDDEN).float() * target).sum().backward()
     (expected * target).sum().backward()
-    params = dict(layer.experts.named_parameters())
+    fc1_grad = _expert_weights(layer, "linear_fc1")[1]
     for expert, reference in enumerate(reference_fc1):
-        grad = params[f"linear_fc1.weight{expert}"].grad
+        grad = fc1_grad(expert)
         if reference.grad.abs().sum() == 0:  # an expert no token chose
             assert grad is None or grad.abs().sum() == 0
         else:
@@ -106,3 +118,120 @@ def test_te_grouped_gemm_fp8_with_padding_matches(cuda_parallel_state):
     layer, config = _grouped_layer(fp8="hybrid", fp8_recipe="tensorwise",
                                    moe_router_padding_for_quantization=True)
     _check(layer, get_fp8_context(config), tolerance=1e-1)
+
+
+def test_lean_bf16_matches_experts_one_by_one(cuda_parallel_state):
+    import contextlib
+
+    layer, _ = _grouped_layer(expert_path="lean")
+    _check(layer, contextlib.nullcontext(), tolerance=2e-2)
+
+
+def test_lean_fp8_matches(cuda_parallel_state):
+    from megatron.core.fp8_utils import get_fp8_context
+
+    layer, config = _grouped_layer(expert_path="lean", fp8="hybrid", fp8_recipe="tensorwise")
+    _check(layer, get_fp8_context(config), tolerance=1e-1)
+
+
+def _lean_inputs(seed=0):
+    """A lean BF16 layer, tokens [S, B, H] (leaf), the router's output for them (detached),
+    and an output gradient."""
+    layer, _ = _grouped_layer(expert_path="lean")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(64, 2, HIDDEN, device="cuda", dtype=torch.bfloat16,
+                         generator=generator).requires_grad_(True)
+    with torch.no_grad():
+        probs, routing_map = layer.router(hidden)
+    return layer, hidden, probs, routing_map, torch.randn_like(hidden)
+
+
+def _after_router(layer, hidden, probs, routing_map, grad):
+    """Dispatch, experts and combine, forward and backward; returns the output."""
+    tokens, weights = layer.preprocess(hidden, probs, routing_map)
+    tokens, weights = layer.dispatch(tokens, weights)
+    output, _ = layer.routed_experts_compute(tokens, weights)
+    output = layer.postprocess(layer.combine(output), None)
+    output.backward(grad)
+    return output
+
+
+def test_lean_path_never_synchronises_with_one_expert_rank(cuda_parallel_state):
+    layer, hidden, probs, routing_map, grad = _lean_inputs()
+    _after_router(layer, hidden, probs, routing_map, grad)  # warm-up: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _after_router(layer, hidden, probs, routing_map, grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_whole_lean_layer_never_synchronises_with_one_expert_rank(cuda_parallel_state):
+    """Router included (training: losses and statistics), forward and backward."""
+    layer, hidden, _, _, grad = _lean_inputs()
+    layer.train()
+    layer(hidden)[0].backward(grad)  # warm-up: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(hidden)[0].backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_lean_path_replays_as_a_cuda_graph(cuda_parallel_state):
+    """Fixed shapes (the worst-case buffer) and no host reads: forward and backward after the
+    router capture into one CUDA graph and replay with new tokens."""
+    layer, hidden, probs, routing_map, grad = _lean_inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _after_router(layer, hidden, probs, routing_map, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    layer.zero_grad(set_to_none=True)
+    hidden.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = _after_router(layer, hidden, probs, routing_map, grad)
+    new_tokens = torch.randn_like(hidden)
+    with torch.no_grad():
+        hidden.copy_(new_tokens)
+    graph.replay()
+    replayed = (output.detach().clone(), hidden.grad.detach().clone(),
+                layer.experts.linear_fc1.weight.grad.detach().clone())
+    eager_input = new_tokens.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    eager = _after_router(layer, eager_input, probs, routing_map, grad)
+    torch.testing.assert_close(replayed[0], eager.detach())
+    torch.testing.assert_close(replayed[1], eager_input.grad)
+    torch.testing.assert_close(replayed[2], layer.experts.linear_fc1.weight.grad)
+
+
+def test_lean_and_te_grouped_checkpoints_interchange(cuda_parallel_state, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    def save(layer, name):
+        (tmp_path / name).mkdir()
+        dist_checkpointing.save(layer.sharded_state_dict(prefix="mlp."), str(tmp_path / name))
+
+    def load(layer, name):
+        state = dist_checkpointing.load(layer.sharded_state_dict(prefix="mlp."),
+                                        str(tmp_path / name))
+        layer.load_state_dict({k[len("mlp."):]: v for k, v in state.items()}, strict=False)
+
+    te_source, lean_source = _grouped_layer()[0], _grouped_layer(expert_path="lean")[0]
+    with torch.no_grad():
+        for param in lean_source.experts.parameters():
+            param.normal_()
+    save(te_source, "te")
+    save(lean_source, "lean")
+    lean_target, te_target = _grouped_layer(expert_path="lean")[0], _grouped_layer()[0]
+    load(lean_target, "te")
+    load(te_target, "lean")
+    for name in ("linear_fc1", "linear_fc2"):
+        for source, target in ((te_source, lean_target), (lean_source, te_target)):
+            for saved, loaded in zip(_expert_weights(source, name)[0],
+                                     _expert_weights(target, name)[0]):
+                assert torch.equal(saved, loaded), name

@@ -5,7 +5,8 @@ import torch
 
 from megatron_null_moe.cpu import cpu_harness
 from megatron_null_moe.cpu_ranks import run_on_ranks
-from parallel_workers import global_balance_loss, initial_weights, run_moe_layer
+from parallel_workers import checkpoint_interchange, global_balance_loss, initial_weights, \
+    run_moe_layer
 
 NO_AUX = dict(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
 
@@ -39,9 +40,11 @@ def _assert_matches_reference(results, reference):
         torch.testing.assert_close(summed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _run_and_compare(parallel_sizes, world_size, overrides, inputs, targets, weights):
+def _run_and_compare(parallel_sizes, world_size, overrides, inputs, targets, weights,
+                     expert_path="megatron"):
+    """The layer on world_size ranks (on expert_path) against the Megatron path on one."""
     results = run_on_ranks(run_moe_layer, world_size, parallel_sizes, overrides, 0.5, weights,
-                           inputs, targets)
+                           inputs, targets, expert_path)
     single_rank = {k: v for k, v in overrides.items() if k != "sequence_parallel"}
     reference = in_process(run_moe_layer, {}, single_rank, 0.5, weights,
                            [torch.cat(inputs)], [torch.cat(targets)])
@@ -63,13 +66,48 @@ def test_expert_parallel_equals_single_rank(expert_parallel):
     assert sum(r["rows"]["received"] for r in results) == sum(r["rows"]["sent"] for r in results)
 
 
+@pytest.mark.world_size(4)
+@pytest.mark.parametrize("expert_parallel", [2, 4])
+def test_lean_expert_parallel_equals_single_rank_megatron_path(expert_parallel):
+    weights = in_process(initial_weights, NO_AUX, 0.5)
+    inputs, targets = _data(expert_parallel, seq_per_rank=6, seed=12)
+    results = _run_and_compare({"expert_model_parallel_size": expert_parallel}, expert_parallel,
+                               NO_AUX, inputs, targets, weights, expert_path="lean")
+    for result in results:
+        assert result["rows"]["sent"] == result["rows"]["routed"] < result["rows"]["slots"]
+        # The one host read the all-to-all needs: the split sizes.
+        assert result["host_reads"] == ["TensorBase.tolist"]
+
+
 @pytest.mark.world_size(2)
-def test_tensor_parallel_with_sequence_parallel_equals_single_rank():
+def test_lean_checkpoints_interchange_with_sequential_mlp_under_expert_parallel(tmp_path):
+    results = run_on_ranks(checkpoint_interchange, 2, str(tmp_path))
+    for direction in ("megatron", "lean"):
+        for result in results:
+            saved, loaded = result[direction]["saved"], result[direction]["loaded"]
+            assert saved.keys() == loaded.keys()
+            for name, tensor in saved.items():
+                torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    # The EP=2 lean checkpoint also loads into one rank's SequentialMLP layer (all 8 experts).
+    from parallel_workers import load_into_single_rank
+
+    loaded = in_process(load_into_single_rank, str(tmp_path / "lean"))
+    saved = {name: tensor for result in results for name, tensor in
+             result["lean"]["saved"].items()}
+    assert {name for name in loaded if "local_experts" in name} == \
+        {name for name in saved if "local_experts" in name}
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("expert_path", ["megatron", "lean"])
+def test_tensor_parallel_with_sequence_parallel_equals_single_rank(expert_path):
     overrides = dict(NO_AUX, sequence_parallel=True)
     weights = in_process(initial_weights, NO_AUX, 0.5)
     inputs, targets = _data(2, seq_per_rank=5)
     sizes = {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1}
-    _run_and_compare(sizes, 2, overrides, inputs, targets, weights)
+    _run_and_compare(sizes, 2, overrides, inputs, targets, weights, expert_path)
 
 
 @pytest.mark.world_size(2)

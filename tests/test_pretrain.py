@@ -183,6 +183,27 @@ def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
     assert float((loaded["decoder.layers.mlp.router.weight"] - trained).abs().max()) == 0.0
 
 
+def test_lean_expert_path_trains_like_the_megatron_path_and_saves(tmp_path):
+    """--moe-null-expert-path lean on Megatron's loop: the same first loss as the Megatron
+    path (same initial weights), training continues, and the checkpoint holds the experts in
+    SequentialMLP's layout."""
+    lean, megatron = tmp_path / "lean", tmp_path / "megatron"
+    for directory in (lean, megatron):
+        directory.mkdir()
+    output = run_pretrain(lean, "--moe-null-expert-path", "lean", "--train-iters", "3",
+                          "--save", str(lean / "ckpt"), "--save-interval", "3")
+    assert "null real fraction" in output
+    run_pretrain(megatron, "--train-iters", "1")
+    lean_loss, megatron_loss = scalars(lean)["lm loss"], scalars(megatron)["lm loss"]
+    assert sorted(lean_loss) == [1, 2, 3]
+    assert lean_loss[1] == pytest.approx(megatron_loss[1], rel=1e-5)
+    assert lean_loss[3] < lean_loss[1]
+    tensors = _checkpoint_tensors(lean / "ckpt")
+    # [layers, experts, FFN, hidden]
+    assert tuple(tensors["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape) == (
+        2, 4, 256, 64)
+
+
 def test_upcycling_refused_clearly(tmp_path):
     command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT,
                "--moe-use-upcycling", "--save", str(tmp_path), "--save-interval", "1",

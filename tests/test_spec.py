@@ -86,7 +86,7 @@ def test_custom_moe_layer_or_router_refused():
 
     spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
     custom = functools.partial(CustomMoE, **spec.submodules.mlp.keywords)
-    with pytest.raises(ValueError, match="CustomMoE.*allowed: MoELayer or NullExpertMoELayer"):
+    with pytest.raises(ValueError, match="CustomMoE.*allowed: MoELayer, NullExpertMoELayer or LeanNullExpertMoELayer"):
         with_null_experts(custom, HALF)
     submodules = dataclasses.replace(spec.submodules.mlp.keywords["submodules"],
                                      router=CustomRouter)

@@ -1,0 +1,164 @@
+"""The lean null-expert layer equals the Megatron path (null-aware alltoall + SequentialMLP)."""
+
+import pytest
+import torch
+
+from builders import build_moe_layer, moe_config, named_expert_tensors
+from megatron_null_moe import NullExpertConfig, with_null_experts
+from megatron_null_moe.host_syncs import count_sync_ops
+from megatron_null_moe.lean import grouped_gemm
+from megatron_null_moe.lean.support import validate_lean_layer
+
+
+def _run(layer, hidden, target):
+    """Forward + backward; (output, input grad, grads by global name)."""
+    layer.train()
+    x = hidden.clone().requires_grad_(True)
+    output, _ = layer(x)
+    (output.float() * target).sum().backward()
+    return output.detach().float(), x.grad.float(), {
+        name: grad.float() for name, grad in named_expert_tensors(layer, "grads").items()
+        if grad is not None}
+
+
+def _compare(overrides=(), dtype=torch.float32, tolerance=1e-5, hidden=None, seed=4):
+    """Both paths from one seed on the same tokens; asserts equality, returns the results."""
+    settings = dict(overrides)
+    if dtype == torch.bfloat16:
+        settings.update(params_dtype=torch.bfloat16, bf16=True, moe_router_dtype="fp32")
+    config = moe_config(**settings)
+    if hidden is None:
+        hidden = torch.randn(12, 2, 16, generator=torch.Generator().manual_seed(seed))
+    target = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seed + 1))
+    results = []
+    for path in ("megatron", "lean"):
+        layer = build_moe_layer(config, real_fraction=0.5, seed=seed, expert_path=path)
+        results.append(_run(layer.to(dtype), hidden.to(dtype), target))
+    (out_m, dx_m, grads_m), (out_l, dx_l, grads_l) = results
+    for name, (ours, theirs) in {"output": (out_l, out_m), "input grad": (dx_l, dx_m)}.items():
+        assert (ours - theirs).abs().max() <= tolerance * theirs.abs().max().clamp(min=1e-3), name
+    assert set(grads_l) == set(grads_m)
+    for name, grad in grads_m.items():
+        limit = tolerance * grad.abs().max().clamp(min=1e-3)
+        assert (grads_l[name] - grad).abs().max() <= limit, name
+    return results
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_forward_and_backward_equal_the_megatron_path(parallel_state, dtype, tolerance):
+    (out, _, grads), _ = _compare(dtype=dtype, tolerance=tolerance)
+    assert grads["router.null_weight"].abs().sum() > 0 and out.abs().sum() > 0
+
+
+def test_token_dropping_and_swiglu(parallel_state):
+    _compare(dict(moe_expert_capacity_factor=1.0, gated_linear_unit=True,
+                  activation_func=torch.nn.functional.silu))
+
+
+def test_moe_layer_recompute(parallel_state):
+    _compare(dict(recompute_granularity="selective", recompute_modules=["moe"]))
+
+
+def test_shared_experts(parallel_state):
+    (out, _, grads), _ = _compare(dict(moe_shared_expert_intermediate_size=32))
+    assert grads["shared_experts.linear_fc1.weight"].abs().sum() > 0
+
+
+def _poisoned_grouped_linear(input_MK, weight_GNK, offsets_G):
+    """The real grouped GEMM, but rows past the last offset come out NaN, forward and
+    backward: on a GPU they are uninitialised memory."""
+    return _Poisoned.apply(input_MK, weight_GNK, offsets_G)
+
+
+class _Poisoned(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_MK, weight_GNK, offsets_G):
+        ctx.save_for_backward(input_MK, weight_GNK, offsets_G)
+        with torch.enable_grad():
+            output = torch.nn.functional.grouped_mm(
+                input_MK.detach(), weight_GNK.detach().transpose(-2, -1), offs=offsets_G)
+        return output.index_fill(0, _past_end(input_MK, offsets_G), float("nan"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        input_MK, weight_GNK, offsets_G = ctx.saved_tensors
+        with torch.enable_grad():
+            x = input_MK.detach().requires_grad_(True)
+            w = weight_GNK.detach().requires_grad_(True)
+            out = torch.nn.functional.grouped_mm(x, w.transpose(-2, -1), offs=offsets_G)
+            grad_x, grad_w = torch.autograd.grad(out, (x, w), grad.nan_to_num(0.0))
+        return grad_x.index_fill(0, _past_end(input_MK, offsets_G), float("nan")), grad_w, None
+
+
+def _past_end(input_MK, offsets_G):
+    rows = torch.arange(input_MK.shape[0])
+    return rows[rows >= offsets_G[-1]]
+
+
+def test_undefined_rows_never_reach_outputs_or_gradients(parallel_state, monkeypatch):
+    """Garbage (here NaN) in the rows a grouped GEMM leaves unwritten changes nothing."""
+    monkeypatch.setattr(grouped_gemm, "grouped_linear", _poisoned_grouped_linear)
+    (out, dx, grads), _ = _compare()
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all()
+    assert all(torch.isfinite(grad).all() for grad in grads.values())
+
+
+def test_all_null_micro_batch(parallel_state, monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "grouped_linear", _poisoned_grouped_linear)
+    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean")
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.null_weight.fill_(1.0)
+    output, dx, grads = _run(layer, torch.rand(6, 2, 16) + 0.1, torch.randn(6, 2, 16))
+    assert torch.all(output == 0) and torch.isfinite(dx).all()
+    assert torch.all(grads["experts.local_experts.0.linear_fc1.weight"] == 0)
+    assert torch.isfinite(grads["router.null_weight"]).all()
+
+
+def _dispatch_and_experts(layer, hidden, probs, routing_map):
+    """Everything after the router, forward and backward."""
+    tokens, weights = layer.preprocess(hidden, probs, routing_map)
+    tokens, weights = layer.dispatch(tokens, weights)
+    output, _ = layer.routed_experts_compute(tokens, weights)
+    output = layer.postprocess(layer.combine(output), None)
+    output.sum().backward()
+
+
+def test_lean_path_never_reads_back_to_the_host(parallel_state):
+    hidden = torch.randn(10, 2, 16, requires_grad=True)
+    calls = {}
+    for path in ("megatron", "lean"):
+        layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path=path)
+        probs, routing_map = layer.router(hidden)
+        calls[path] = count_sync_ops(
+            lambda: _dispatch_and_experts(layer, hidden, probs, routing_map))
+    assert calls["lean"] == []
+    assert "TensorBase.tolist" in calls["megatron"]  # the counter does see Megatron's reads
+
+
+def test_whole_lean_layer_never_reads_back_to_the_host(parallel_state):
+    """Router included (training mode: losses and statistics), forward and backward."""
+    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean")
+    layer.train()
+    hidden = torch.randn(10, 2, 16, requires_grad=True)
+    assert count_sync_ops(lambda: layer(hidden)[0].sum().backward()) == []
+
+
+@pytest.mark.parametrize("overrides,flag", [
+    (dict(moe_token_dispatcher_type="allgather"), "--moe-token-dispatcher-type"),
+    (dict(moe_router_padding_for_quantization=True), "--moe-router-padding-for-quantization"),
+    (dict(moe_shared_expert_intermediate_size=32, moe_shared_expert_overlap=True),
+     "--moe-shared-expert-overlap"),
+    (dict(expert_tensor_parallel_size=2), "--expert-tensor-parallel-size"),
+])
+def test_refused_with_the_flag_named(overrides, flag):
+    config = moe_config()
+    for name, value in overrides.items():  # set afterwards: some need FP8 (TE) to be built
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=f"--moe-null-expert-path lean.*{flag}.*allowed"):
+        validate_lean_layer(config)
+
+
+def test_unknown_expert_path_refused():
+    with pytest.raises(ValueError, match="--moe-null-expert-path.*'fast'; allowed: megatron, lean"):
+        with_null_experts(None, NullExpertConfig(0.5), expert_path="fast")
