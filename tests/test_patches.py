@@ -115,6 +115,7 @@ def test_patch_registers_flags_hooks_and_layer_spec(added_lines):
     assert re.search(r"with null_expert_training\(\) as null_moe:", added)
     assert "null_config = null_moe.configure(args)" in added
     assert re.search(r"apply_null_expert_spec\(model_cfg, null_config, custom_spec=", added)
+    assert "expert_path=null_expert_path_from_args(args)" in added
     assert not any("\t" in line for line in added_lines), "Megatron-LM indents with spaces"
 
 
