@@ -8,7 +8,7 @@ Transformer Engine) and the launch flags that rebuild the same model in a traini
 
 import dataclasses
 from argparse import Namespace
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,15 @@ def transformer_config(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
     return TransformerConfig(**settings)
 
 
-def moe_layer_pattern(dense: DenseArchitecture, moe: MoEShape) -> List[int]:
-    """Megatron's --moe-layer-freq as a list: 1 for an MoE layer, 0 for a dense one."""
-    return [1 if layer in moe.moe_layers else 0 for layer in range(1, dense.num_layers + 1)]
+def moe_layer_pattern(dense: DenseArchitecture, moe: MoEShape) -> Union[int, List[int]]:
+    """Megatron's --moe-layer-freq: 1 when every layer is MoE, else a list (1: MoE, 0: dense).
+
+    The form matters beyond the layers it picks: with a list, Megatron saves each layer
+    under its own checkpoint keys (``decoder.layers.3.mlp...``), with 1 it stacks all layers
+    under one key; a run must use the form its checkpoint was written with.
+    """
+    pattern = [1 if layer in moe.moe_layers else 0 for layer in range(1, dense.num_layers + 1)]
+    return 1 if all(pattern) else pattern
 
 
 def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
@@ -152,9 +158,11 @@ def megatron_flags(dense: DenseArchitecture, moe: Optional[MoEShape] = None) -> 
         "--num-experts", str(moe.num_experts),
         "--moe-ffn-hidden-size", str(moe.expert_ffn_hidden_size),
         "--moe-router-topk", str(moe.topk),
-        "--moe-layer-freq", "[" + ",".join(map(str, moe_layer_pattern(dense, moe))) + "]",
         "--moe-null-expert-rho", _number(moe.null_config.real_fraction),
     ]
+    pattern = moe_layer_pattern(dense, moe)
+    if pattern != 1:
+        flags += ["--moe-layer-freq", "[" + ",".join(map(str, pattern)) + "]"]
     if moe.null_config.num_null_copies is not None:
         flags += ["--moe-num-null-experts", str(moe.null_config.num_null_copies)]
     if moe.shared_expert_ffn_hidden_size:

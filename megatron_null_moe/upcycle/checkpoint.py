@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.core import dist_checkpointing, parallel_state
 
@@ -24,6 +25,8 @@ OUTPUT_FLAG = "--output"
 TRACKER = "latest_checkpointed_iteration.txt"
 # Megatron's loader reads this content metadata to build the sharded state dict it loads.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# What a truncated or foreign checkpoint raises (torch's CheckpointException is no Exception).
+LOAD_ERRORS = (Exception, CheckpointException)
 
 
 def _refuse(directory, what: str) -> None:
@@ -52,7 +55,7 @@ def read_args(directory: Path):
     """The training args stored in a dist checkpoint's common state."""
     try:
         common = dist_checkpointing.load_common_state_dict(str(directory))
-    except Exception as error:  # a truncated or foreign common.pt
+    except LOAD_ERRORS as error:
         _refuse(directory, f"its common state cannot be read ({error}).")
     if not isinstance(common, dict) or common.get("args") is None:
         _refuse(directory, "the checkpoint carries no training args ('args' in its common state).")
@@ -113,7 +116,7 @@ def load_dense(model: torch.nn.Module, directory: Path) -> None:
     """Fill ``model`` (built from the checkpoint's args, TP=PP=1) from the dist checkpoint."""
     try:
         loaded = dist_checkpointing.load({"model": _sharded_state_dict(model)}, str(directory))
-    except Exception as error:
+    except LOAD_ERRORS as error:
         _refuse(directory, f"its tensors cannot be loaded into the dense GPT its args describe "
                            f"({type(error).__name__}: {str(error)[:300]}).")
     model.load_state_dict(loaded["model"], strict=False)

@@ -1,0 +1,361 @@
+"""Upcycling against the real thing: transformers' Qwen3, Megatron's models and loop.
+
+A tiny random Qwen3 (2 layers, hidden 64, 4 query heads over 2 KV groups, FFN 128) is made
+with ``transformers`` and saved locally; nothing is downloaded.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_null_moe.cpu import run_on_ranks
+from megatron_null_moe.process_groups import free_port
+from megatron_null_moe.upcycle.__main__ import build_parser, read_dense, upcycle
+from megatron_null_moe.upcycle.architecture import DenseArchitecture, build_gpt_model
+from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into
+from megatron_null_moe.upcycle.weights import ffn_slices
+from test_pretrain import scalars
+from upcycle_workers import resave_dense_checkpoints
+
+TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+# fp32 on the CPU; measured differences are ~5e-7 (transformers vs Megatron) and ~1e-7
+# (upcycled vs dense).
+LOGIT_TOLERANCE = 1e-5
+
+
+def make_qwen3(directory: Path, tie: bool = False, **overrides) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                    initializer_range=0.1, tie_word_embeddings=tie)
+    settings.update(overrides)
+    model = Qwen3ForCausalLM(Qwen3Config(**settings)).float()
+    with torch.no_grad():  # norms away from 1, so a misplaced norm shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return make_qwen3(tmp_path_factory.mktemp("qwen3") / "untied")
+
+
+def arguments(*argv) -> argparse.Namespace:
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def logits(model, tokens=TOKENS):
+    """[B, S, V] logits of a Megatron GPTModel (causal mask, eval mode)."""
+    model.eval()
+    length = tokens.shape[1]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+    positions = torch.arange(length)[None].expand(tokens.shape[0], length)
+    with torch.no_grad():
+        return model(tokens, positions, mask)
+
+
+def transformers_logits(directory: Path):
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(directory).float().eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def upcycled_models(directory: Path, **settings):
+    """(dense architecture, dense model, MoE model, settings) without writing anything."""
+    dense, dense_model = read_dense(arguments("--hf-model", directory, "--output", "unused",
+                                              "--num-experts", "1"))
+    upcycle_settings = UpcycleSettings(**settings)
+    moe = upcycle_settings.moe_shape(dense)
+    moe_model = build_gpt_model(dense, moe)
+    upcycle_into(dense_model, moe_model, dense, moe, upcycle_settings)
+    return dense, dense_model, moe_model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_converted_dense_model_logits_equal_transformers_qwen3(parallel_state, tmp_path, tie):
+    directory = make_qwen3(tmp_path / "qwen3", tie=tie)
+    _, model = read_dense(arguments("--hf-model", directory, "--output", tmp_path / "out",
+                                    "--num-experts", "4"))
+    reference = transformers_logits(directory)
+    assert reference.abs().max() > 1.0  # logits of a size that tests something
+    assert (logits(model) - reference).abs().max() < LOGIT_TOLERANCE
+
+
+def test_upcycled_without_nulls_at_granularity_two_keeps_dense_logits(parallel_state, qwen3):
+    """rho = 1, G = 2, K = 2: every token's two slots are one whole group (the group's two
+    experts share a router row), so every layer computes the dense FFN exactly."""
+    _, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2, topk=2)
+    difference = (logits(moe_model) - logits(dense_model)).abs().max()
+    assert difference < LOGIT_TOLERANCE
+    assert (logits(moe_model) - transformers_logits(qwen3)).abs().max() < LOGIT_TOLERANCE
+
+
+def _layer_outputs(dense_model, moe_model, layer, null_push, seed):
+    """Dense FFN and MoE layer on the same normalised states; routed real experts per token.
+
+    null_push: added to the null row along a random direction, so that some tokens keep no
+    real expert and some keep all K."""
+    dense_mlp = dense_model.decoder.layers[layer].mlp
+    moe_mlp = moe_model.decoder.layers[layer].mlp
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(64, 1, 64, generator=generator)  # [S, B, h]
+    with torch.no_grad():
+        moe_mlp.router.null_weight += null_push * torch.randn(1, 64, generator=generator)
+        dense_out = dense_mlp(hidden)[0].squeeze(1)
+        moe_out = moe_mlp(hidden)[0].squeeze(1)
+        _, routing_map = moe_mlp.router(hidden)
+    return dense_out, moe_out, routing_map.sum(dim=-1)
+
+
+def test_moe_layer_is_dense_ffn_for_every_token_with_a_real_expert(parallel_state, qwen3):
+    """r = 0, G = 1, no shared expert, rho = 0.5 (N = 4, M = 4, K = 2)."""
+    _, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=1, topk=2,
+                                                real_fraction=0.5)
+    moe_model.eval()
+    for layer in range(2):
+        dense_out, moe_out, real = _layer_outputs(dense_model, moe_model, layer, 0.3, layer)
+        assert {0, 1, 2} <= set(real.tolist())  # no real, one real, all real experts
+        kept = real > 0
+        assert (moe_out[kept] - dense_out[kept]).abs().max() < 1e-5
+        assert moe_out[~kept].abs().max() == 0
+
+
+def test_granularity_and_shared_expert_keep_dense_ffn_for_whole_groups(parallel_state, qwen3):
+    """G = 2 with K = 2 and M = 4 multiples of G: a token's real experts are whole groups,
+    so it gets the dense FFN exactly (shared half + routed half); a token with no real
+    expert gets the shared expert's half of the dense FFN."""
+    _, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2, topk=2,
+                                                real_fraction=0.5,
+                                                shared_expert_ffn_hidden_size=128)
+    moe_model.eval()
+    for layer in range(2):
+        dense_out, moe_out, real = _layer_outputs(dense_model, moe_model, layer, 0.3, layer)
+        assert set(real.tolist()) == {0, 2}  # whole groups only
+        kept = real > 0
+        assert (moe_out[kept] - dense_out[kept]).abs().max() < 1e-5
+        assert (moe_out[~kept] - dense_out[~kept] / 2).abs().max() < 1e-5
+
+
+def test_drop_upcycling_reinitialises_the_stated_share_of_each_expert(parallel_state, qwen3):
+    dense, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2,
+                                                    topk=2, reinit_fraction=0.3)
+    fc1 = dense_model.decoder.layers[1].mlp.linear_fc1.weight
+    fc2 = dense_model.decoder.layers[1].mlp.linear_fc2.weight
+    slices = ffn_slices(fc1, fc2, 2, gated=True)
+    experts = moe_model.decoder.layers[1].mlp.experts.local_experts
+    columns = []
+    for index, expert in enumerate(experts):
+        changed = (expert.linear_fc2.weight != slices[index % 2][1] * 2).any(dim=0)
+        assert int(changed.sum()) == round(0.3 * 64)  # 19 of the expert's 64 units
+        columns.append(changed)
+    assert not torch.equal(columns[0], columns[2])  # copies of a slice differ
+
+
+def _checkpoint_tensors(directory: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    release = directory / "release"
+    converted = directory.parent / f"{directory.name}.pt"
+    dcp_to_torch_save(str(release), str(converted))
+    tensors = torch.load(converted, weights_only=False)
+    return {k: v for k, v in tensors.items() if torch.is_tensor(v)}
+
+
+PAPER_LIKE = ("--num-experts", "4", "--granularity", "2", "--moe-router-topk", "2",
+              "--moe-null-expert-rho", "0.5", "--moe-shared-expert-intermediate-size", "128",
+              "--reinit-fraction", "0.3", "--seed", "5")
+
+
+def test_megatron_checkpoint_at_any_tp_pp_upcycles_like_hugging_face(parallel_state, qwen3,
+                                                                     tmp_path):
+    """HF -> dense Megatron checkpoint (--save-dense), re-saved by Megatron at TP=2 and at
+    PP=2; upcycling each gives the same tensors as upcycling the HF directory."""
+    report = upcycle(arguments("--hf-model", qwen3, "--output", tmp_path / "from_hf",
+                               "--save-dense", tmp_path / "dense", *PAPER_LIKE))
+    expected = _checkpoint_tensors(tmp_path / "from_hf")
+    assert "decoder.layers.mlp.router.null_weight" in expected
+    assert "decoder.layers.pre_mlp_layernorm.weight" in expected  # Transformer Engine's key
+    dense = DenseArchitecture(**report["dense"])
+    layouts = [(2, 1, tmp_path / "dense_tp2"), (1, 2, tmp_path / "dense_pp2")]
+    run_on_ranks(resave_dense_checkpoints, 2, dense, tmp_path / "dense", layouts)
+    for _, _, resaved in layouts:
+        output = tmp_path / f"from_{resaved.name}"
+        upcycle(arguments("--megatron-checkpoint", resaved, "--output", output, *PAPER_LIKE))
+        tensors = _checkpoint_tensors(output)
+        assert tensors.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(tensors[name], value), name
+
+
+def _nothing_written(output: Path) -> bool:
+    return not output.exists() and not list(output.parent.glob(f".{output.name}.partial*"))
+
+
+def _refused(argv, match, output):
+    with pytest.raises(ValueError, match=match):
+        upcycle(arguments("--output", output, *argv))  # an --output in argv wins
+    assert _nothing_written(output)
+
+
+def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_state, qwen3,
+                                                                   tmp_path):
+    output = tmp_path / "out"
+    source = ("--hf-model", qwen3)
+    _refused((*source, "--num-experts", "6", "--granularity", "4"),
+             r"--num-experts 6 is not a multiple of --granularity 4", output)
+    _refused((*source, "--num-experts", "6", "--granularity", "3"),
+             r"--granularity 3 does not divide the dense FFN width F=128; allowed: a divisor",
+             output)
+    _refused((*source, "--num-experts", "4", "--moe-shared-expert-intermediate-size", "100"),
+             r"--moe-shared-expert-intermediate-size 100: allowed: 0 .* multiple", output)
+    _refused((*source, "--num-experts", "4", "--reinit-fraction", "1.5"),
+             r"--reinit-fraction 1.5: allowed: a number in \[0, 1\)", output)
+    _refused((*source, "--num-experts", "4", "--moe-null-expert-rho", "0.3"),
+             r"--moe-null-expert-rho=0.3 with 4 experts gives M = .* not a whole number", output)
+    _refused((*source, "--num-experts", "4", "--moe-layers", "3"),
+             r"--moe-layers \(3,\): allowed: layer numbers in 1..2", output)
+
+    moe_config = json.loads((qwen3 / "config.json").read_text())
+    for changes, match in (({"model_type": "qwen3_moe", "num_experts": 8},
+                            r"model_type 'qwen3_moe' is already a mixture of experts"),
+                           ({"model_type": "llama"},
+                            r"model_type 'llama' is not supported; allowed: 'qwen3'")):
+        other = tmp_path / changes["model_type"]
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({**moe_config, **changes}))
+        _refused(("--hf-model", other, "--num-experts", "4"), f"--hf-model {other}: {match}",
+                 output)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((qwen3 / "config.json").read_text())
+    _refused(("--hf-model", broken, "--num-experts", "4"), r"no model.safetensors", output)
+    (broken / "model.safetensors").write_bytes((qwen3 / "model.safetensors").read_bytes()[:999])
+    _refused(("--hf-model", broken, "--num-experts", "4"), r"cannot be read as safetensors",
+             output)
+    _refused(("--megatron-checkpoint", tmp_path, "--num-experts", "4"),
+             r"not a Megatron torch_dist checkpoint", output)
+
+    upcycled, dense = tmp_path / "upcycled", tmp_path / "dense"
+    upcycle(arguments(*source, "--output", upcycled, "--num-experts", "4", "--save-dense", dense))
+    _refused(("--megatron-checkpoint", upcycled, "--num-experts", "4"),
+             r"already a mixture of experts \(--num-experts 4\)", output)
+    _refused((*source, "--num-experts", "4", "--output", upcycled), r"--output .* exists", output)
+    assert (upcycled / "release").is_dir()  # untouched
+    distcp = next((dense / "release").glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])
+    _refused(("--megatron-checkpoint", dense, "--num-experts", "4"),
+             r"its tensors cannot be loaded", output)
+
+
+def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(dist_checkpointing, "save", fail)
+    output = tmp_path / "out"
+    with pytest.raises(OSError, match="simulated"):
+        upcycle(arguments("--hf-model", qwen3, "--output", output, "--num-experts", "4"))
+    assert _nothing_written(output)
+
+
+def test_command_line_reports_start_and_refuses_with_exit_code(qwen3, tmp_path):
+    command = [sys.executable, "-m", "megatron_null_moe.upcycle", "--hf-model", str(qwen3),
+               "--num-experts", "6", "--granularity", "4", "--output", str(tmp_path / "bad")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert result.returncode == 2
+    assert "error: --num-experts 6 is not a multiple of --granularity 4" in result.stderr
+    assert _nothing_written(tmp_path / "bad")
+
+
+def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=1) -> str:
+    """The entry point on the upcycled checkpoint: --pretrained-checkpoint is where a fresh
+    run starts (iteration 0, new optimizer), --load/--save where it resumes."""
+    model = (upcycled / "megatron_args.txt").read_text().split()
+    flags = [*model, "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size",
+             "4", "--moe-token-dispatcher-type", "alltoall", "--moe-null-balance-scope",
+             "global", "--moe-aux-loss-coeff", "2e-2", "--moe-z-loss-coeff", "1e-3",
+             "--transformer-impl", "local", "--no-persist-layer-norm",
+             "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--mock-data",
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--lr", "1e-3",
+             "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
+             "--ckpt-format", "torch_dist", "--seed", "1", "--train-iters", "4",
+             "--pretrained-checkpoint", str(upcycled), "--load", str(load), "--save", str(save),
+             "--save-interval", "2", "--tensorboard-dir", str(log_dir / "tb"), *extra]
+    module = ["-m", "megatron_null_moe.pretrain_gpt", *flags]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node",
+                                      str(nproc), "--master-port", str(free_port())]
+    # Megatron warms its fused SwiGLU up with torch.compile at start-up, ~20 s of inductor
+    # work on this CPU; eager is the same math.
+    environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                       PYTHONWARNINGS="ignore", TORCHDYNAMO_DISABLE="1")
+    result = subprocess.run([sys.executable, *launcher, *module], capture_output=True,
+                            text=True, timeout=600, env=environment)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def _train_save_resume(tmp_path: Path, upcycled: Path, *parallel, nproc=1) -> dict:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    output = _train(upcycled, straight / "ckpt", straight / "ckpt", straight, *parallel,
+                    nproc=nproc)
+    assert f"finetune with checkpoint in {upcycled}" in output
+    _train(upcycled, straight / "ckpt", resumed / "ckpt", resumed, "--ckpt-step", "2",
+           *parallel, nproc=nproc)
+    first, second = scalars(straight), scalars(resumed)
+    assert sorted(second["lm loss"]) == [3, 4]
+    for tag in ("lm loss", "null real fraction", "null zero-real tokens"):
+        for step in (3, 4):
+            assert second[tag][step] == pytest.approx(first[tag][step], rel=1e-5, abs=1e-7), (
+                tag, step)
+    return first
+
+
+@pytest.fixture(scope="module")
+def upcycled_qwen3(qwen3, tmp_path_factory):
+    """The paper's recipe at toy size, through the command line."""
+    output = tmp_path_factory.mktemp("upcycled") / "moe"
+    command = [sys.executable, "-m", "megatron_null_moe.upcycle", "--hf-model", str(qwen3),
+               "--output", str(output), *PAPER_LIKE]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "initial real fraction on proxy inputs (target 0.5)" in result.stdout
+    return output
+
+
+def test_trains_from_upcycled_qwen3_saves_and_resumes_exactly(tmp_path, upcycled_qwen3):
+    """One process. The realised real fraction of the first step is where upcycle.json
+    says it starts: the calibrated start when the router has a null selection bias, else
+    the null row's start."""
+    tensorboard = _train_save_resume(tmp_path, upcycled_qwen3)
+    report = json.loads((upcycled_qwen3 / "upcycle.json").read_text())
+    starts = report["router_start"]
+    key = "real_fraction_with_offset" if all(s["offset_applied"] for s in starts) \
+        else "real_fraction_without_offset"
+    predicted = sum(s[key] for s in starts) / len(starts)
+    assert tensorboard["null real fraction"][1] == pytest.approx(predicted, abs=0.1)
+
+
+@pytest.mark.world_size(2)
+def test_trains_from_upcycled_qwen3_with_expert_parallel_two_ranks(tmp_path, upcycled_qwen3):
+    _train_save_resume(tmp_path, upcycled_qwen3, "--expert-model-parallel-size", "2",
+                       "--distributed-backend", "gloo", nproc=2)
