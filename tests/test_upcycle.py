@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_null_moe.cpu import run_on_ranks
+from megatron_null_moe.cpu_ranks import run_on_ranks
 from megatron_null_moe.process_groups import free_port
 from megatron_null_moe.upcycle.__main__ import build_parser, read_dense, upcycle
 from megatron_null_moe.upcycle.architecture import DenseArchitecture, build_gpt_model

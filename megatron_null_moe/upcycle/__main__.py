@@ -202,7 +202,7 @@ def main(argv=None) -> None:
     if starts and report["num_null_copies"]:
         print(f"initial real fraction on proxy inputs (target {report['target_real_fraction']:.3g})"
               f": {sum(with_offset) / len(starts):.3f} with the null selection offset"
-              f"{'' if applied else ' (not applied: this router has no null_selection_bias)'}, "
+              f"{'' if applied else ' (not applied: this router has no null_selection_bias buffer)'}, "
               f"{sum(without) / len(starts):.3f} without")
     print(f"train with: {' '.join(report['megatron_args'])}")
 

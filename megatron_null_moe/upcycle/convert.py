@@ -29,6 +29,9 @@ from megatron_null_moe.upcycle.weights import (
     weight_statistics,
 )
 
+# The router's budget state (null_selection_bias: the offset the choice adds to the null
+# logit; null_bias_integral: the budget controller's integral), started at the offset.
+BUDGET_BUFFERS = ("null_selection_bias", "null_bias_integral")
 # A shared expert carries this share of the dense FFN and the routed experts the rest.
 SHARED_EXPERT_SHARE = 0.5
 
@@ -107,7 +110,7 @@ class LayerRouterStart:
     null_offset: float
     real_fraction_with_offset: float
     real_fraction_without_offset: float
-    offset_applied: bool  # the router has a null_selection_bias buffer that took it
+    offset_applied: bool  # the router has the budget buffers, which took it
 
 
 def upcycle_into(dense_model: torch.nn.Module, moe_model: torch.nn.Module,
@@ -174,8 +177,10 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
 
 def _start_router(router: NullExpertRouter, norm_weight: torch.Tensor, moe: MoEShape,
                   settings: UpcycleSettings) -> LayerRouterStart:
-    """Calibrate the null selection offset on proxy inputs; set it where the router has a
-    ``null_selection_bias`` buffer."""
+    """Calibrate the null selection offset b on proxy inputs and start the router's budget
+    state at it where it has one: ``null_selection_bias`` = b (the choice uses it from the
+    first step) and ``null_bias_integral`` = b (the budget controller, when on, continues
+    from b instead of resetting it to its first correction)."""
     layer = router.layer_number
     if router.null_weight is None:  # rho = 1: no null experts, every slot is real
         return LayerRouterStart(layer, 0.0, 1.0, 1.0, False)
@@ -184,15 +189,17 @@ def _start_router(router: NullExpertRouter, norm_weight: torch.Tensor, moe: MoES
     real_rows, null_row = router.weight.detach(), router.null_weight.detach()
     copies, target = router.num_null_copies, moe.null_config.pool_real_fraction(moe.num_experts)
     offset = calibrate_null_offset(inputs, real_rows, null_row, copies, moe.topk, target)
-    bias = getattr(router, "null_selection_bias", None)
-    if bias is not None:
+    buffers = [getattr(router, name, None) for name in BUDGET_BUFFERS]
+    applied = all(buffer is not None for buffer in buffers)
+    if applied:
         with torch.no_grad():
-            bias.fill_(offset)
+            for buffer in buffers:
+                buffer.fill_(offset)
     return LayerRouterStart(
         layer=layer, null_offset=offset,
         real_fraction_with_offset=real_fraction(inputs, real_rows, null_row, copies, moe.topk,
                                                 offset),
         real_fraction_without_offset=real_fraction(inputs, real_rows, null_row, copies,
                                                    moe.topk),
-        offset_applied=bias is not None,
+        offset_applied=applied,
     )
