@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moe-layers", default="all", metavar="LAYERS",
                         help="layers that become MoE: 'all' or 1-based numbers and ranges, "
                              "e.g. '2-28' or '1,3,5'.")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--router-init", choices=("grouped", "independent"), default="grouped",
+                        help="grouped (default): the G experts of one FFN copy share a router "
+                             "row, so a token takes whole copies and the layer starts as the "
+                             "dense FFN (with 0, G, 2G, ... real experts per token); "
+                             "independent: one random row per expert.")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="seeds the router rows and the re-initialised units.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype of the written tensors (bf16 for a --bf16 run).")
     parser.add_argument("--save-dense", type=Path, default=None, metavar="DIR",
@@ -93,7 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> UpcycleSettings:
         real_fraction=args.moe_null_expert_rho, num_null_copies=args.moe_num_null_experts,
         shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
         reinit_fraction=args.reinit_fraction, seed=args.seed,
-        moe_layers=parse_layers(args.moe_layers))
+        moe_layers=parse_layers(args.moe_layers), grouped_router=args.router_init == "grouped")
 
 
 def read_dense(args: argparse.Namespace) -> Tuple[DenseArchitecture, torch.nn.Module]:
@@ -158,6 +164,7 @@ def upcycle(args: argparse.Namespace) -> dict:
         checkpoint.write_release_checkpoint(
             dense_model, dense_args, args.save_dense, [],
             lambda d: (d / "megatron_args.txt").write_text("\n".join(dense_flags) + "\n"))
+    del dense_model  # host memory for the write
     checkpoint.write_release_checkpoint(moe_model, argparse.Namespace(**saved), args.output,
                                         layer_prefixes, extra_files)
     report["seconds"] = time.perf_counter() - started

@@ -46,6 +46,10 @@ class UpcycleSettings:
     shared_expert_ffn_hidden_size: S (--moe-shared-expert-intermediate-size), 0 for none.
     reinit_fraction: r (--reinit-fraction), drop-upcycling share of each expert's units.
     moe_layers: 1-based layers that become MoE (--moe-layers), None for all.
+    grouped_router: the G experts of one FFN copy share a router row (--router-init
+        grouped): a token takes whole copies and the layer starts as the dense FFN, but
+        it starts with 0, G, 2G, ... real experts; independent rows (--router-init
+        independent) route expert by expert from the start, without that guarantee.
     """
 
     num_experts: int
@@ -57,6 +61,7 @@ class UpcycleSettings:
     reinit_fraction: float = 0.0
     seed: int = 1234
     moe_layers: Optional[Tuple[int, ...]] = None
+    grouped_router: bool = True
     calibration_tokens: int = 4096
 
     def moe_shape(self, dense: DenseArchitecture) -> MoEShape:
@@ -167,8 +172,8 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
             fc1, fc2, moe.shared_expert_ffn_hidden_size, gated, SHARED_EXPERT_SHARE)
         tensors["mlp.shared_experts.linear_fc1.weight"] = shared_fc1
         tensors["mlp.shared_experts.linear_fc2.weight"] = shared_fc2
-    real_rows = grouped_router_weight(moe.num_experts, g, dense.hidden_size,
-                                      dense.init_method_std, generator)
+    real_rows = grouped_router_weight(moe.num_experts, g if settings.grouped_router else 1,
+                                      dense.hidden_size, dense.init_method_std, generator)
     tensors["mlp.router.weight"] = real_rows
     if moe.null_config.null_copies_for(moe.num_experts) > 0:
         tensors["mlp.router.null_weight"] = mean_null_row(real_rows)
