@@ -17,7 +17,11 @@ import torch
 from megatron_null_moe.cpu_ranks import run_on_ranks
 from megatron_null_moe.process_groups import free_port
 from megatron_null_moe.upcycle.__main__ import build_parser, read_dense, upcycle
-from megatron_null_moe.upcycle.architecture import DenseArchitecture, build_gpt_model
+from megatron_null_moe.upcycle.architecture import (
+    DenseArchitecture,
+    build_gpt_model,
+    megatron_flags,
+)
 from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into
 from megatron_null_moe.upcycle.weights import ffn_slices
 from test_pretrain import scalars
@@ -102,6 +106,21 @@ def test_upcycled_without_nulls_at_granularity_two_keeps_dense_logits(parallel_s
     difference = (logits(moe_model) - logits(dense_model)).abs().max()
     assert difference < LOGIT_TOLERANCE
     assert (logits(moe_model) - transformers_logits(qwen3)).abs().max() < LOGIT_TOLERANCE
+
+
+def test_only_the_chosen_layers_become_moe(parallel_state, qwen3):
+    """--moe-layers 2: layer 1 keeps its dense FFN, layer 2 is MoE; at rho = 1 with whole
+    groups the logits stay the dense model's."""
+    dense, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2,
+                                                    topk=2, moe_layers=(2,))
+    first, second = moe_model.decoder.layers
+    assert torch.equal(first.mlp.linear_fc1.weight,
+                       dense_model.decoder.layers[0].mlp.linear_fc1.weight)
+    assert len(second.mlp.experts.local_experts) == 4
+    assert (logits(moe_model) - logits(dense_model)).abs().max() < LOGIT_TOLERANCE
+    moe = UpcycleSettings(num_experts=4, granularity=2, moe_layers=(2,)).moe_shape(dense)
+    flags = megatron_flags(dense, moe)
+    assert flags[flags.index("--moe-layer-freq") + 1] == "[0,1]"
 
 
 def _layer_outputs(dense_model, moe_model, layer, null_push, seed):
