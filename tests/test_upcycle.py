@@ -220,6 +220,9 @@ def test_megatron_checkpoint_at_any_tp_pp_upcycles_like_hugging_face(parallel_st
     expected = _checkpoint_tensors(tmp_path / "from_hf")
     assert "decoder.layers.mlp.router.null_weight" in expected
     assert "decoder.layers.pre_mlp_layernorm.weight" in expected  # Transformer Engine's key
+    offsets = torch.tensor([[start["null_offset"]] for start in report["router_start"]])
+    for name in ("null_selection_bias", "null_bias_integral"):  # the budget state starts at b
+        torch.testing.assert_close(expected[f"decoder.layers.mlp.router.{name}"], offsets)
     dense = DenseArchitecture(**report["dense"])
     layouts = [(2, 1, tmp_path / "dense_tp2"), (1, 2, tmp_path / "dense_pp2")]
     run_on_ranks(resave_dense_checkpoints, 2, dense, tmp_path / "dense", layouts)
@@ -375,15 +378,13 @@ def upcycled_qwen3(qwen3, tmp_path_factory):
 
 def test_trains_from_upcycled_qwen3_saves_and_resumes_exactly(tmp_path, upcycled_qwen3):
     """One process. The realised real fraction of the first step is where upcycle.json
-    says it starts: the calibrated start when the router has a null selection bias, else
-    the null row's start."""
+    says it starts (rho = 0.5 on proxy inputs, through the calibrated null selection bias),
+    not where the null row alone would start it (1.0)."""
     tensorboard = _train_save_resume(tmp_path, upcycled_qwen3)
-    report = json.loads((upcycled_qwen3 / "upcycle.json").read_text())
-    starts = report["router_start"]
-    key = "real_fraction_with_offset" if all(s["offset_applied"] for s in starts) \
-        else "real_fraction_without_offset"
-    predicted = sum(s[key] for s in starts) / len(starts)
-    assert tensorboard["null real fraction"][1] == pytest.approx(predicted, abs=0.1)
+    starts = json.loads((upcycled_qwen3 / "upcycle.json").read_text())["router_start"]
+    assert [s["real_fraction_with_offset"] for s in starts] == [0.5, 0.5]
+    assert [s["real_fraction_without_offset"] for s in starts] == [1.0, 1.0]
+    assert tensorboard["null real fraction"][1] == pytest.approx(0.5, abs=0.1)
 
 
 @pytest.mark.world_size(2)

@@ -203,13 +203,11 @@ def main(argv=None) -> None:
     starts = report["router_start"]
     without = [s["real_fraction_without_offset"] for s in starts]
     with_offset = [s["real_fraction_with_offset"] for s in starts]
-    applied = all(s["offset_applied"] for s in starts)
     print(f"upcycled {report['source']} -> {args.output} in {report['seconds']:.1f} s, "
           f"peak RSS {report['peak_rss_gib']:.2f} GiB")
     if starts and report["num_null_copies"]:
         print(f"initial real fraction on proxy inputs (target {report['target_real_fraction']:.3g})"
-              f": {sum(with_offset) / len(starts):.3f} with the null selection offset"
-              f"{'' if applied else ' (not applied: this router has no null_selection_bias buffer)'}, "
+              f": {sum(with_offset) / len(starts):.3f} with the null selection offset, "
               f"{sum(without) / len(starts):.3f} without")
     print(f"train with: {' '.join(report['megatron_args'])}")
 

@@ -29,9 +29,6 @@ from megatron_null_moe.upcycle.weights import (
     weight_statistics,
 )
 
-# The router's budget state (null_selection_bias: the offset the choice adds to the null
-# logit; null_bias_integral: the budget controller's integral), started at the offset.
-BUDGET_BUFFERS = ("null_selection_bias", "null_bias_integral")
 # A shared expert carries this share of the dense FFN and the routed experts the rest.
 SHARED_EXPERT_SHARE = 0.5
 
@@ -99,6 +96,15 @@ class UpcycleSettings:
                         moe_layers=layers)
 
 
+# One random stream per (seed, layer, purpose): re-initialisation, router rows and
+# calibration inputs do not shift when another of them changes.
+_REINIT, _ROUTER_ROWS, _CALIBRATION = range(3)
+
+
+def _generator(seed: int, layer: int, purpose: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 3 + purpose)
+
+
 def _whole(flag: str, value, low: int, high: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or \
             (high is not None and value > high):
@@ -115,7 +121,6 @@ class LayerRouterStart:
     null_offset: float
     real_fraction_with_offset: float
     real_fraction_without_offset: float
-    offset_applied: bool  # the router has the budget buffers, which took it
 
 
 def upcycle_into(dense_model: torch.nn.Module, moe_model: torch.nn.Module,
@@ -158,11 +163,11 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
     gated, g = dense.gated_linear_unit, settings.granularity
     scale = g * (1 - SHARED_EXPERT_SHARE) if moe.shared_expert_ffn_hidden_size else g
     experts = expert_weights(fc1, fc2, moe.num_experts, g, gated, output_scale=scale)
-    generator = torch.Generator().manual_seed(settings.seed * 100_003 + layer)
+    generator = _generator(settings.seed, layer, _REINIT)
+    statistics = weight_statistics(fc1, fc2 * scale, gated)
     tensors = {}
     for index, (expert_fc1, expert_fc2) in enumerate(experts):
         if settings.reinit_fraction > 0:
-            statistics = weight_statistics(fc1, fc2 * scale, gated)
             expert_fc1, expert_fc2 = drop_reinitialise(
                 expert_fc1, expert_fc2, settings.reinit_fraction, statistics, gated, generator)
         tensors[f"mlp.experts.local_experts.{index}.linear_fc1.weight"] = expert_fc1
@@ -173,7 +178,8 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
         tensors["mlp.shared_experts.linear_fc1.weight"] = shared_fc1
         tensors["mlp.shared_experts.linear_fc2.weight"] = shared_fc2
     real_rows = grouped_router_weight(moe.num_experts, g if settings.grouped_router else 1,
-                                      dense.hidden_size, dense.init_method_std, generator)
+                                      dense.hidden_size, dense.init_method_std,
+                                      _generator(settings.seed, layer, _ROUTER_ROWS))
     tensors["mlp.router.weight"] = real_rows
     if moe.null_config.null_copies_for(moe.num_experts) > 0:
         tensors["mlp.router.null_weight"] = mean_null_row(real_rows)
@@ -183,28 +189,24 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
 def _start_router(router: NullExpertRouter, norm_weight: torch.Tensor, moe: MoEShape,
                   settings: UpcycleSettings) -> LayerRouterStart:
     """Calibrate the null selection offset b on proxy inputs and start the router's budget
-    state at it where it has one: ``null_selection_bias`` = b (the choice uses it from the
-    first step) and ``null_bias_integral`` = b (the budget controller, when on, continues
-    from b instead of resetting it to its first correction)."""
+    state at it: ``null_selection_bias`` = b (the choice uses it from the first step) and
+    ``null_bias_integral`` = b (the budget controller, when on, continues from b instead of
+    replacing it by its first correction)."""
     layer = router.layer_number
     if router.null_weight is None:  # rho = 1: no null experts, every slot is real
-        return LayerRouterStart(layer, 0.0, 1.0, 1.0, False)
-    generator = torch.Generator().manual_seed(settings.seed * 100_003 + 50_000 + layer)
-    inputs = proxy_router_inputs(norm_weight.float(), settings.calibration_tokens, generator)
+        return LayerRouterStart(layer, 0.0, 1.0, 1.0)
+    inputs = proxy_router_inputs(norm_weight.float(), settings.calibration_tokens,
+                                 _generator(settings.seed, layer, _CALIBRATION))
     real_rows, null_row = router.weight.detach(), router.null_weight.detach()
     copies, target = router.num_null_copies, moe.null_config.pool_real_fraction(moe.num_experts)
     offset = calibrate_null_offset(inputs, real_rows, null_row, copies, moe.topk, target)
-    buffers = [getattr(router, name, None) for name in BUDGET_BUFFERS]
-    applied = all(buffer is not None for buffer in buffers)
-    if applied:
-        with torch.no_grad():
-            for buffer in buffers:
-                buffer.fill_(offset)
+    with torch.no_grad():
+        router.null_selection_bias.fill_(offset)
+        router.null_bias_integral.fill_(offset)
     return LayerRouterStart(
         layer=layer, null_offset=offset,
         real_fraction_with_offset=real_fraction(inputs, real_rows, null_row, copies, moe.topk,
                                                 offset),
         real_fraction_without_offset=real_fraction(inputs, real_rows, null_row, copies,
                                                    moe.topk),
-        offset_applied=applied,
     )
