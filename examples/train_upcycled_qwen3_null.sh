@@ -75,6 +75,10 @@ ARGS=(
     --moe-aux-loss-coeff 2e-2
     --moe-z-loss-coeff 1e-3
     --moe-null-balance-scope global
+    # The upcycle started each router's null selection bias where the real fraction is rho
+    # (--null-start calibrated); the controller holds rho from there. For the paper's routing
+    # alone, upcycle with --null-start mean-row and leave this flag out.
+    --moe-null-budget-controller
 
     # Parallelism: EP=8 keeps the 64 experts (8 per GPU) and their all-to-all on one node.
     --tensor-model-parallel-size "${TP}"

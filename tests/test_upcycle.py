@@ -181,6 +181,17 @@ def test_independent_router_rows_route_expert_by_expert(parallel_state, qwen3):
     assert 1 in set(real.tolist())
 
 
+def test_null_start_mean_row_leaves_the_selection_bias_at_zero(parallel_state, qwen3):
+    """--null-start mean-row: the paper's routing from the null row alone (bias 0); the
+    default writes the calibrated offset into both budget buffers."""
+    for calibrated in (True, False):
+        _, _, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2, topk=2,
+                                          real_fraction=0.5, calibrated_null_start=calibrated)
+        router = moe_model.decoder.layers[0].mlp.router
+        torch.testing.assert_close(router.null_selection_bias, router.null_bias_integral)
+        assert (float(router.null_selection_bias) != 0.0) == calibrated
+
+
 def test_drop_upcycling_reinitialises_the_stated_share_of_each_expert(parallel_state, qwen3):
     dense, dense_model, moe_model = upcycled_models(qwen3, num_experts=4, granularity=2,
                                                     topk=2, reinit_fraction=0.3)
@@ -320,8 +331,9 @@ def test_command_line_reports_start_and_refuses_with_exit_code(qwen3, tmp_path):
 
 
 def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=1) -> str:
-    """The entry point on the upcycled checkpoint: --pretrained-checkpoint is where a fresh
-    run starts (iteration 0, new optimizer), --load/--save where it resumes."""
+    """The entry point on the upcycled checkpoint, as the example script runs it (budget
+    controller on): --pretrained-checkpoint is where a fresh run starts (iteration 0, new
+    optimizer), --load/--save where it resumes."""
     model = (upcycled / "megatron_args.txt").read_text().split()
     flags = [*model, "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size",
              "4", "--moe-token-dispatcher-type", "alltoall", "--moe-null-balance-scope",
@@ -331,6 +343,7 @@ def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=
              "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--lr", "1e-3",
              "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
              "--ckpt-format", "torch_dist", "--seed", "1", "--train-iters", "4",
+             "--moe-null-budget-controller",
              "--pretrained-checkpoint", str(upcycled), "--load", str(load), "--save", str(save),
              "--save-interval", "2", "--tensorboard-dir", str(log_dir / "tb"), *extra]
     module = ["-m", "megatron_null_moe.pretrain_gpt", *flags]
@@ -377,14 +390,15 @@ def upcycled_qwen3(qwen3, tmp_path_factory):
 
 
 def test_trains_from_upcycled_qwen3_saves_and_resumes_exactly(tmp_path, upcycled_qwen3):
-    """One process. The realised real fraction of the first step is where upcycle.json
+    """One process. The realised real fraction of the first steps is where upcycle.json
     says it starts (rho = 0.5 on proxy inputs, through the calibrated null selection bias),
-    not where the null row alone would start it (1.0)."""
+    not where the null row alone would start it (1.0); the controller keeps it there."""
     tensorboard = _train_save_resume(tmp_path, upcycled_qwen3)
     starts = json.loads((upcycled_qwen3 / "upcycle.json").read_text())["router_start"]
     assert [s["real_fraction_with_offset"] for s in starts] == [0.5, 0.5]
     assert [s["real_fraction_without_offset"] for s in starts] == [1.0, 1.0]
-    assert tensorboard["null real fraction"][1] == pytest.approx(0.5, abs=0.1)
+    for step in (1, 2, 3, 4):
+        assert tensorboard["null real fraction"][step] == pytest.approx(0.5, abs=0.1), step
 
 
 @pytest.mark.world_size(2)

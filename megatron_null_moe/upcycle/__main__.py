@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "row, so a token takes whole copies and the layer starts as the "
                              "dense FFN (with 0, G, 2G, ... real experts per token); "
                              "independent: one random row per expert.")
+    parser.add_argument("--null-start", choices=("calibrated", "mean-row"),
+                        default="calibrated",
+                        help="calibrated (default; train with --moe-null-budget-controller): "
+                             "the router's null selection bias starts at the offset that gives "
+                             "a real fraction near rho; mean-row: no offset, the paper's "
+                             "routing, which starts near 1 and is brought down by the balance "
+                             "loss. The null row is the mean real row either way.")
     parser.add_argument("--seed", type=int, default=1234,
                         help="seeds the router rows and the re-initialised units.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -99,7 +106,8 @@ def settings_from_args(args: argparse.Namespace) -> UpcycleSettings:
         real_fraction=args.moe_null_expert_rho, num_null_copies=args.moe_num_null_experts,
         shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
         reinit_fraction=args.reinit_fraction, seed=args.seed,
-        moe_layers=parse_layers(args.moe_layers), grouped_router=args.router_init == "grouped")
+        moe_layers=parse_layers(args.moe_layers), grouped_router=args.router_init == "grouped",
+        calibrated_null_start=args.null_start == "calibrated")
 
 
 def read_dense(args: argparse.Namespace) -> Tuple[DenseArchitecture, torch.nn.Module]:
@@ -206,9 +214,11 @@ def main(argv=None) -> None:
     print(f"upcycled {report['source']} -> {args.output} in {report['seconds']:.1f} s, "
           f"peak RSS {report['peak_rss_gib']:.2f} GiB")
     if starts and report["num_null_copies"]:
+        written = args.null_start == "calibrated"
         print(f"initial real fraction on proxy inputs (target {report['target_real_fraction']:.3g})"
-              f": {sum(with_offset) / len(starts):.3f} with the null selection offset, "
-              f"{sum(without) / len(starts):.3f} without")
+              f": {sum(with_offset) / len(starts):.3f} with the null selection offset"
+              f"{' (written: train with --moe-null-budget-controller)' if written else ''}, "
+              f"{sum(without) / len(starts):.3f} without{'' if written else ' (written)'}")
     print(f"train with: {' '.join(report['megatron_args'])}")
 
 

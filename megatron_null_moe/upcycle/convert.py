@@ -47,6 +47,9 @@ class UpcycleSettings:
         grouped): a token takes whole copies and the layer starts as the dense FFN, but
         it starts with 0, G, 2G, ... real experts; independent rows (--router-init
         independent) route expert by expert from the start, without that guarantee.
+    calibrated_null_start: write the calibrated null selection offset into the router's
+        budget state (--null-start calibrated, for runs with --moe-null-budget-controller),
+        or leave it at 0 (--null-start mean-row: the paper's routing, starting near 1).
     """
 
     num_experts: int
@@ -59,6 +62,7 @@ class UpcycleSettings:
     seed: int = 1234
     moe_layers: Optional[Tuple[int, ...]] = None
     grouped_router: bool = True
+    calibrated_null_start: bool = True
     calibration_tokens: int = 4096
 
     def moe_shape(self, dense: DenseArchitecture) -> MoEShape:
@@ -188,10 +192,10 @@ def _moe_layer_tensors(dense_params: Dict[str, torch.Tensor], prefix: str,
 
 def _start_router(router: NullExpertRouter, norm_weight: torch.Tensor, moe: MoEShape,
                   settings: UpcycleSettings) -> LayerRouterStart:
-    """Calibrate the null selection offset b on proxy inputs and start the router's budget
-    state at it: ``null_selection_bias`` = b (the choice uses it from the first step) and
-    ``null_bias_integral`` = b (the budget controller, when on, continues from b instead of
-    replacing it by its first correction)."""
+    """Calibrate the null selection offset b on proxy inputs; with calibrated_null_start,
+    start the router's budget state at it: ``null_selection_bias`` = b (the choice uses it
+    from the first step) and ``null_bias_integral`` = b (the budget controller continues
+    from b instead of replacing it by its first correction)."""
     layer = router.layer_number
     if router.null_weight is None:  # rho = 1: no null experts, every slot is real
         return LayerRouterStart(layer, 0.0, 1.0, 1.0)
@@ -200,9 +204,10 @@ def _start_router(router: NullExpertRouter, norm_weight: torch.Tensor, moe: MoES
     real_rows, null_row = router.weight.detach(), router.null_weight.detach()
     copies, target = router.num_null_copies, moe.null_config.pool_real_fraction(moe.num_experts)
     offset = calibrate_null_offset(inputs, real_rows, null_row, copies, moe.topk, target)
-    with torch.no_grad():
-        router.null_selection_bias.fill_(offset)
-        router.null_bias_integral.fill_(offset)
+    if settings.calibrated_null_start:
+        with torch.no_grad():
+            router.null_selection_bias.fill_(offset)
+            router.null_bias_integral.fill_(offset)
     return LayerRouterStart(
         layer=layer, null_offset=offset,
         real_fraction_with_offset=real_fraction(inputs, real_rows, null_row, copies, moe.topk,

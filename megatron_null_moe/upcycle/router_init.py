@@ -16,7 +16,10 @@ null selection offset that starts the realised real fraction near rho.
   linear in x), so the start near rho comes from a selection-only offset b added to the
   null logit when the slots are chosen: ``calibrate_null_offset`` finds b on proxy router
   inputs x = gamma * xi, xi ~ N(0, I) (gamma: the layer's pre-MLP norm weight), the
-  distribution of an RMS-normalised hidden state of random direction.
+  distribution of an RMS-normalised hidden state of random direction. The offset is the
+  router's ``null_selection_bias``, which the budget controller then owns: the balance loss
+  counts the router's own choice (without the offset), so a fixed offset without the
+  controller would end below rho once the loss has trained the router to rho.
 """
 
 import torch
