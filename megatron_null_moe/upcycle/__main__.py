@@ -18,10 +18,11 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron_null_moe.upcycle import checkpoint, huggingface
 from megatron_null_moe.upcycle.architecture import (
     DenseArchitecture,
     build_gpt_model,
@@ -113,8 +114,6 @@ def settings_from_args(args: argparse.Namespace) -> UpcycleSettings:
 def read_dense(args: argparse.Namespace) -> Tuple[DenseArchitecture, torch.nn.Module]:
     """The dense architecture and model (fp32, TP=1) from --hf-model or --megatron-checkpoint."""
     if args.hf_model is not None:
-        from megatron_null_moe.upcycle import huggingface
-
         if not args.hf_model.is_dir():
             raise ValueError(f"--hf-model {args.hf_model}: not a directory.")
         dense = huggingface.qwen3_architecture(args.hf_model,
@@ -124,8 +123,6 @@ def read_dense(args: argparse.Namespace) -> Tuple[DenseArchitecture, torch.nn.Mo
         huggingface.load_into(model, huggingface.megatron_tensors(reader, dense),
                               f"--hf-model {args.hf_model}")
         return dense, model
-    from megatron_null_moe.upcycle import checkpoint
-
     directory = checkpoint.checkpoint_directory(args.megatron_checkpoint)
     saved_args = checkpoint.read_args(directory)
     dense = checkpoint.dense_architecture(directory, saved_args)
@@ -136,19 +133,17 @@ def read_dense(args: argparse.Namespace) -> Tuple[DenseArchitecture, torch.nn.Mo
 
 def upcycle(args: argparse.Namespace) -> dict:
     """Read, upcycle and write (Megatron's process groups must exist); returns the report."""
-    from megatron_null_moe.upcycle import checkpoint
-
     started = time.perf_counter()
     settings = settings_from_args(args)
-    for flag, path in (("--output", args.output), ("--save-dense", args.save_dense)):
-        if path is not None and path.exists():
-            raise ValueError(f"{flag} {path} exists; allowed: a path that does not exist "
-                             "(nothing is overwritten).")
+    refuse_existing_outputs(args)
     dense, dense_model = read_dense(args)
     moe = settings.moe_shape(dense)
-    dtype = DTYPES[args.dtype]
-    moe_model = build_gpt_model(dense, moe, params_dtype=dtype)
+    moe_model = build_gpt_model(dense, moe, params_dtype=DTYPES[args.dtype])
     starts = upcycle_into(dense_model, moe_model, dense, moe, settings)
+    if args.save_dense is not None:
+        write_checkpoint(dense_model, checkpoint_args(dense), args.save_dense, [],
+                         {"megatron_args.txt": "\n".join(megatron_flags(dense)) + "\n"})
+    del dense_model  # host memory for the write
     report = {
         "source": str(args.hf_model or args.megatron_checkpoint),
         "dense": dataclasses.asdict(dense),
@@ -158,26 +153,32 @@ def upcycle(args: argparse.Namespace) -> dict:
         "router_start": [dataclasses.asdict(start) for start in starts],
         "megatron_args": megatron_flags(dense, moe),
     }
-
-    def extra_files(directory: Path) -> None:
-        (directory / "megatron_args.txt").write_text("\n".join(report["megatron_args"]) + "\n")
-        (directory / "upcycle.json").write_text(json.dumps(report, indent=1) + "\n")
-
-    saved = vars(checkpoint_args(dense, moe))
-    saved.update(bf16=dtype == torch.bfloat16)
-    layer_prefixes = [f"decoder.layers.{layer - 1}." for layer in moe.moe_layers]
-    if args.save_dense is not None:
-        dense_args = checkpoint_args(dense)
-        dense_flags = megatron_flags(dense)
-        checkpoint.write_release_checkpoint(
-            dense_model, dense_args, args.save_dense, [],
-            lambda d: (d / "megatron_args.txt").write_text("\n".join(dense_flags) + "\n"))
-    del dense_model  # host memory for the write
-    checkpoint.write_release_checkpoint(moe_model, argparse.Namespace(**saved), args.output,
-                                        layer_prefixes, extra_files)
+    write_checkpoint(
+        moe_model, checkpoint_args(dense, moe, bf16=args.dtype == "bf16"), args.output,
+        [f"decoder.layers.{layer - 1}." for layer in moe.moe_layers],
+        {"megatron_args.txt": "\n".join(report["megatron_args"]) + "\n",
+         "upcycle.json": json.dumps(report, indent=1) + "\n"})
     report["seconds"] = time.perf_counter() - started
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return report
+
+
+def refuse_existing_outputs(args: argparse.Namespace) -> None:
+    for flag, path in (("--output", args.output), ("--save-dense", args.save_dense)):
+        if path is not None and path.exists():
+            raise ValueError(f"{flag} {path} exists; allowed: a path that does not exist "
+                             "(nothing is overwritten).")
+
+
+def write_checkpoint(model, saved_args, output: Path, moe_layer_prefixes,
+                     files: Dict[str, str]) -> None:
+    """Megatron release checkpoint ``output`` with text ``files`` beside it, all or nothing."""
+    def extra_files(directory: Path) -> None:
+        for name, text in files.items():
+            (directory / name).write_text(text)
+
+    checkpoint.write_release_checkpoint(model, saved_args, output, moe_layer_prefixes,
+                                        extra_files)
 
 
 @contextlib.contextmanager

@@ -171,8 +171,10 @@ def megatron_flags(dense: DenseArchitecture, moe: Optional[MoEShape] = None) -> 
     return flags
 
 
-def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None) -> Namespace:
-    """The ``args`` a Megatron checkpoint carries: what its loader compares and reads."""
+def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
+                    bf16: bool = False) -> Namespace:
+    """The ``args`` a Megatron checkpoint carries: what its loader compares and reads
+    (bf16: the checkpoint's tensors are bf16)."""
     args = Namespace(
         num_layers=dense.num_layers, hidden_size=dense.hidden_size,
         ffn_hidden_size=dense.ffn_hidden_size, num_attention_heads=dense.num_attention_heads,
@@ -186,7 +188,7 @@ def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None) ->
         padded_vocab_size=dense.vocab_size, init_method_std=dense.init_method_std,
         attention_dropout=dense.attention_dropout, hidden_dropout=dense.hidden_dropout,
         apply_layernorm_1p=False, rotary_percent=1.0,
-        bf16=False, fp16=False, num_experts=None,
+        bf16=bf16, fp16=False, num_experts=None,
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         expert_model_parallel_size=1, world_size=1, data_parallel_size=1,
         consumed_train_samples=0, skipped_train_samples=0, ckpt_format="torch_dist",

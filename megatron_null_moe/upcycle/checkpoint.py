@@ -154,7 +154,9 @@ def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
     """Write ``model`` as Megatron release checkpoint ``output``, all or nothing.
 
     Everything is written to a hidden sibling directory first and renamed at the end, so a
-    failed run leaves nothing at ``output``. extra_files(directory) adds files beside it.
+    failed run leaves nothing at ``output`` (an exception removes the sibling; a killed
+    process may leave ``.NAME.partial-PID``, never a partial ``NAME``).
+    extra_files(directory) adds files beside the checkpoint.
     """
     refuse_existing_output(output)
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"

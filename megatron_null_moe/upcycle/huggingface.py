@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import torch
+from safetensors import safe_open
 
 from megatron_null_moe.upcycle.architecture import DenseArchitecture
 
@@ -71,8 +72,6 @@ class SafetensorsReader:
     """Tensors of a Hugging Face directory by name, read one at a time (memory-light)."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         self.directory = directory
         index = directory / "model.safetensors.index.json"
         if index.is_file():
