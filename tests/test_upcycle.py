@@ -401,6 +401,16 @@ def test_trains_from_upcycled_qwen3_saves_and_resumes_exactly(tmp_path, upcycled
         assert tensorboard["null real fraction"][step] == pytest.approx(0.5, abs=0.1), step
 
 
+def test_plain_load_of_the_upcycled_checkpoint_trains(tmp_path, upcycled_qwen3):
+    """--load <upcycled> alone (Megatron's check of the checkpoint's args runs): a release
+    checkpoint starts at iteration 0 with a fresh optimizer."""
+    output = _train(upcycled_qwen3, upcycled_qwen3, tmp_path / "ckpt", tmp_path,
+                    "--train-iters", "1", "--save-interval", "100")
+    assert f"loading release distributed checkpoint from {upcycled_qwen3}" in output
+    assert "attempting to finetune" not in output
+    assert "iteration        1/       1" in output
+
+
 @pytest.mark.world_size(2)
 def test_trains_from_upcycled_qwen3_with_expert_parallel_two_ranks(tmp_path, upcycled_qwen3):
     _train_save_resume(tmp_path, upcycled_qwen3, "--expert-model-parallel-size", "2",

@@ -180,7 +180,9 @@ def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
         ffn_hidden_size=dense.ffn_hidden_size, num_attention_heads=dense.num_attention_heads,
         group_query_attention=True, num_query_groups=dense.num_query_groups,
         kv_channels=dense.kv_channels, max_position_embeddings=dense.max_position_embeddings,
-        position_embedding_type="rope", add_position_embedding=False,
+        # Megatron's parser leaves add_position_embedding True with rope (then unused); its
+        # loader compares the value.
+        position_embedding_type="rope", add_position_embedding=True,
         rotary_base=dense.rotary_base, normalization=dense.normalization,
         norm_epsilon=dense.norm_epsilon, qk_layernorm=dense.qk_layernorm,
         swiglu=dense.gated_linear_unit, add_bias_linear=False, add_qkv_bias=dense.add_qkv_bias,
