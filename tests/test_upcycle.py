@@ -330,7 +330,8 @@ def test_command_line_reports_start_and_refuses_with_exit_code(qwen3, tmp_path):
     assert _nothing_written(tmp_path / "bad")
 
 
-def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=1) -> str:
+def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=1,
+           program=("-m", "megatron_null_moe.pretrain_gpt")) -> str:
     """The entry point on the upcycled checkpoint, as the example script runs it (budget
     controller on): --pretrained-checkpoint is where a fresh run starts (iteration 0, new
     optimizer), --load/--save where it resumes."""
@@ -346,9 +347,10 @@ def _train(upcycled: Path, load: Path, save: Path, log_dir: Path, *extra, nproc=
              "--moe-null-budget-controller",
              "--pretrained-checkpoint", str(upcycled), "--load", str(load), "--save", str(save),
              "--save-interval", "2", "--tensorboard-dir", str(log_dir / "tb"), *extra]
-    module = ["-m", "megatron_null_moe.pretrain_gpt", *flags]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node",
-                                      str(nproc), "--master-port", str(free_port())]
+    module = [*program, *flags]
+    launcher = [] if nproc == 1 and program[0] == "-m" else [
+        "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        str(free_port())]
     # Megatron warms its fused SwiGLU up with torch.compile at start-up, ~20 s of inductor
     # work on this CPU; eager is the same math.
     environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
@@ -409,6 +411,20 @@ def test_plain_load_of_the_upcycled_checkpoint_trains(tmp_path, upcycled_qwen3):
     assert f"loading release distributed checkpoint from {upcycled_qwen3}" in output
     assert "attempting to finetune" not in output
     assert "iteration        1/       1" in output
+
+
+def test_patched_megatron_lm_script_trains_from_the_upcycled_checkpoint(tmp_path,
+                                                                        upcycled_qwen3):
+    """With MEGATRON_LM_REPO set (as in test_patches): Megatron-LM core_v0.19.0's own
+    pretrain_gpt.py with the patch starts from the upcycled checkpoint the same way."""
+    from test_patches import _megatron_lm_git_dir, _patched_scripts
+
+    work = _patched_scripts(_megatron_lm_git_dir(), tmp_path)
+    output = _train(upcycled_qwen3, tmp_path / "ckpt", tmp_path / "ckpt", tmp_path,
+                    "--train-iters", "2", program=(str(work / "pretrain_gpt.py"),))
+    assert f"finetune with checkpoint in {upcycled_qwen3}" in output
+    real = scalars(tmp_path)["null real fraction"]
+    assert real[1] == pytest.approx(0.5, abs=0.1)
 
 
 @pytest.mark.world_size(2)
