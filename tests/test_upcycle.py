@@ -33,7 +33,7 @@ TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(
 LOGIT_TOLERANCE = 1e-5
 
 
-def make_qwen3(directory: Path, tie: bool = False, **overrides) -> Path:
+def make_qwen3(directory: Path, tie: bool = False, max_shard_size=None, **overrides) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -47,7 +47,8 @@ def make_qwen3(directory: Path, tie: bool = False, **overrides) -> Path:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size}
+                                        if max_shard_size else {}))
     return directory
 
 
@@ -89,9 +90,12 @@ def upcycled_models(directory: Path, **settings):
     return dense, dense_model, moe_model
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_converted_dense_model_logits_equal_transformers_qwen3(parallel_state, tmp_path, tie):
-    directory = make_qwen3(tmp_path / "qwen3", tie=tie)
+@pytest.mark.parametrize("tie,max_shard_size", [(False, None), (True, None), (False, "100KB")])
+def test_converted_dense_model_logits_equal_transformers_qwen3(parallel_state, tmp_path, tie,
+                                                                max_shard_size):
+    """Untied and tied embeddings; one safetensors file or shards with an index."""
+    directory = make_qwen3(tmp_path / "qwen3", tie=tie, max_shard_size=max_shard_size)
+    assert (directory / "model.safetensors.index.json").is_file() == bool(max_shard_size)
     _, model = read_dense(arguments("--hf-model", directory, "--output", tmp_path / "out",
                                     "--num-experts", "4"))
     reference = transformers_logits(directory)
