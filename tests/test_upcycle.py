@@ -33,7 +33,7 @@ TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(
 LOGIT_TOLERANCE = 1e-5
 
 
-def make_qwen3(directory: Path, tie: bool = False, max_shard_size=None, **overrides) -> Path:
+def make_qwen3(directory: Path, tie: bool = False, max_shard_size=None) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -41,7 +41,6 @@ def make_qwen3(directory: Path, tie: bool = False, max_shard_size=None, **overri
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
                     initializer_range=0.1, tie_word_embeddings=tie)
-    settings.update(overrides)
     model = Qwen3ForCausalLM(Qwen3Config(**settings)).float()
     with torch.no_grad():  # norms away from 1, so a misplaced norm shows
         for name, param in model.named_parameters():
