@@ -20,8 +20,10 @@ from megatron_null_moe.upcycle.__main__ import build_parser, read_dense, upcycle
 from megatron_null_moe.upcycle.architecture import (
     DenseArchitecture,
     build_gpt_model,
+    checkpoint_args,
     megatron_flags,
 )
+from megatron_null_moe.upcycle.checkpoint import write_release_checkpoint
 from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into
 from megatron_null_moe.upcycle.weights import ffn_slices
 from test_pretrain import scalars
@@ -289,6 +291,7 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
                  output)
     broken = tmp_path / "broken"
     broken.mkdir()
+    _refused(("--hf-model", broken, "--num-experts", "4"), r"no config.json", output)
     (broken / "config.json").write_text((qwen3 / "config.json").read_text())
     _refused(("--hf-model", broken, "--num-experts", "4"), r"no model.safetensors", output)
     (broken / "model.safetensors").write_bytes((qwen3 / "model.safetensors").read_bytes()[:999])
@@ -303,6 +306,15 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
              r"already a mixture of experts \(--num-experts 4\)", output)
     _refused((*source, "--num-experts", "4", "--output", upcycled), r"--output .* exists", output)
     assert (upcycled / "release").is_dir()  # untouched
+    mla = tmp_path / "mla"
+    dense_args = checkpoint_args(DenseArchitecture(**json.loads(
+        (upcycled / "upcycle.json").read_text())["dense"]))
+    dense_args.multi_latent_attention = True
+    write_release_checkpoint(read_dense(arguments(*source, "--output", output,
+                                                  "--num-experts", "4"))[1],
+                             dense_args, mla, [], lambda directory: None)
+    _refused(("--megatron-checkpoint", mla, "--num-experts", "4"),
+             r"--multi-latent-attention=True is not supported; allowed: False", output)
     distcp = next((dense / "release").glob("*.distcp"))
     distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])
     _refused(("--megatron-checkpoint", dense, "--num-experts", "4"),
