@@ -38,8 +38,9 @@ def refuse_unsupported(args) -> None:
         raise ValueError(
             "--moe-use-upcycling is broken in megatron-core 0.19.2's training loop (upcycling "
             "calls load_checkpoint with model= and builds the 'dense' model with experts). "
-            "Make the upcycled MoE checkpoint another way, then start the null-expert run "
-            "from it: see README, 'Add null experts to a trained MoE'.")
+            "Upcycle the dense checkpoint with 'python -m megatron_null_moe.upcycle' and "
+            "start from its output with --pretrained-checkpoint (README, 'Upcycle a dense "
+            "model').")
 
 
 def get_batch(data_iterator, vp_stage=None):

@@ -212,6 +212,7 @@ def test_upcycling_refused_clearly(tmp_path):
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert result.returncode != 0
     assert "--moe-use-upcycling is broken in megatron-core 0.19.2" in result.stderr
+    assert "python -m megatron_null_moe.upcycle" in result.stderr
 
 
 def test_one_gpu_quickstart_model_trains_on_cpu(tmp_path):

@@ -1,0 +1,175 @@
+"""Megatron torch_dist checkpoints: read a dense GPT one, write the upcycled one atomically.
+
+torch_dist stores global (unsharded) tensors, so a dense checkpoint saved with any TP/PP
+loads into a TP=1/PP=1 model built from its args. The upcycled checkpoint is written as
+Megatron's own converters write one: a ``release`` directory and a tracker file reading
+``release``, so ``--load`` (or ``--pretrained-checkpoint``) starts at iteration 0 with a
+fresh optimizer and RNG; the keys come from the model's ``sharded_state_dict``.
+"""
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Iterable
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_null_moe.upcycle.architecture import DenseArchitecture
+
+MEGATRON_FLAG = "--megatron-checkpoint"
+OUTPUT_FLAG = "--output"
+TRACKER = "latest_checkpointed_iteration.txt"
+# Megatron's loader reads this content metadata to build the sharded state dict it loads.
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# What a truncated or foreign checkpoint raises (torch's CheckpointException is no Exception).
+LOAD_ERRORS = (Exception, CheckpointException)
+
+
+def _refuse(directory, what: str) -> None:
+    raise ValueError(f"{MEGATRON_FLAG} {directory}: {what}")
+
+
+def checkpoint_directory(directory: Path) -> Path:
+    """The directory holding the dist checkpoint: the tracked iteration of a save directory,
+    or ``directory`` itself when it is one (an iter_XXXXXXX or release directory)."""
+    tracker = directory / TRACKER
+    if tracker.is_file():
+        marker = tracker.read_text().strip()
+        name = "release" if marker == "release" else f"iter_{int(marker):07d}" \
+            if marker.isdigit() else None
+        if name is None:
+            _refuse(directory, f"{TRACKER} reads {marker!r}; allowed: an iteration or 'release'.")
+        directory = directory / name
+    if not (directory / "metadata.json").is_file():
+        _refuse(directory, "not a Megatron torch_dist checkpoint (no metadata.json); allowed: "
+                           "a --save directory or one of its iteration directories, saved "
+                           "with --ckpt-format torch_dist.")
+    return directory
+
+
+def read_args(directory: Path):
+    """The training args stored in a dist checkpoint's common state."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    except LOAD_ERRORS as error:
+        _refuse(directory, f"its common state cannot be read ({error}).")
+    if not isinstance(common, dict) or common.get("args") is None:
+        _refuse(directory, "the checkpoint carries no training args ('args' in its common state).")
+    return common["args"]
+
+
+def dense_architecture(directory: Path, args) -> DenseArchitecture:
+    """DenseArchitecture of a Megatron GPT checkpoint's args; other models are refused."""
+    if getattr(args, "num_experts", None):
+        _refuse(directory, f"already a mixture of experts (--num-experts {args.num_experts}); "
+                           "allowed: a dense GPT checkpoint.")
+    for flag, name, allowed in (
+            ("--multi-latent-attention", "multi_latent_attention", False),
+            ("--add-bias-linear", "add_bias_linear", False),
+            ("--apply-layernorm-1p", "apply_layernorm_1p", False),
+            ("--squared-relu", "squared_relu", False),
+            ("--position-embedding-type", "position_embedding_type", "rope"),
+            ("--rotary-percent", "rotary_percent", 1.0),
+            ("--mtp-num-layers", "mtp_num_layers", None),
+            ("--hybrid-layer-pattern", "hybrid_layer_pattern", None),
+            ("--heterogeneous-layers-config-path", "heterogeneous_layers_config_path", None)):
+        value = getattr(args, name, allowed)
+        if value != allowed and not (allowed is None and not value):
+            _refuse(directory, f"{flag}={value!r} is not supported; allowed: {allowed!r}.")
+    if getattr(args, "normalization", "LayerNorm") not in ("LayerNorm", "RMSNorm"):
+        _refuse(directory, f"--normalization={args.normalization!r}; allowed: 'LayerNorm', "
+                           "'RMSNorm'.")
+    groups = args.num_query_groups if getattr(args, "group_query_attention", False) \
+        else args.num_attention_heads
+    return DenseArchitecture(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=groups,
+        kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
+        vocab_size=args.padded_vocab_size, max_position_embeddings=args.max_position_embeddings,
+        rotary_base=args.rotary_base, norm_epsilon=args.norm_epsilon,
+        normalization=args.normalization, qk_layernorm=bool(args.qk_layernorm),
+        gated_linear_unit=bool(args.swiglu), activation="silu" if args.swiglu else "gelu",
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+        init_method_std=args.init_method_std, attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+    )
+
+
+def checkpoint_dtype(args) -> torch.dtype:
+    """The dtype the model tensors were saved in."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def _sharded_state_dict(model):
+    metadata = dict(CONTENT_METADATA,
+                    dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return model.sharded_state_dict(metadata=metadata)
+
+
+def load_dense(model: torch.nn.Module, directory: Path) -> None:
+    """Fill ``model`` (built from the checkpoint's args, TP=PP=1) from the dist checkpoint."""
+    try:
+        loaded = dist_checkpointing.load({"model": _sharded_state_dict(model)}, str(directory))
+    except LOAD_ERRORS as error:
+        _refuse(directory, f"its tensors cannot be loaded into the dense GPT its args describe "
+                           f"({type(error).__name__}: {str(error)[:300]}).")
+    model.load_state_dict(loaded["model"], strict=False)
+
+
+def te_aliases(sharded: Dict, moe_layer_prefixes: Iterable[str]) -> Dict:
+    """Extra entries so Transformer Engine's spec finds the MoE layers' pre-MLP norm.
+
+    Megatron's local spec saves every layer's pre-MLP norm as
+    ``mlp.linear_fc1.layer_norm_weight``; its TE spec fuses that norm only into a dense
+    layer's fc1 and saves an MoE layer's as ``pre_mlp_layernorm.weight``. Saving the MoE
+    layers' norm under both keys lets ``--transformer-impl local`` and
+    ``transformer_engine`` load the checkpoint (a key a model does not ask for is ignored).
+    """
+    aliases = {}
+    for prefix in moe_layer_prefixes:
+        for suffix in ("weight", "bias"):
+            entry = sharded.get(f"{prefix}pre_mlp_layernorm.{suffix}")
+            if entry is not None:
+                key = entry.key.replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
+                aliases[f"{prefix}pre_mlp_layernorm.{suffix}.te_alias"] = \
+                    dataclasses.replace(entry, key=key)
+    return aliases
+
+
+def refuse_existing_output(output: Path) -> None:
+    if output.exists():
+        raise ValueError(f"{OUTPUT_FLAG} {output} exists; allowed: a path that does not exist "
+                         "(nothing is overwritten).")
+
+
+def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
+                             moe_layer_prefixes: Iterable[str],
+                             extra_files: Callable[[Path], None]) -> None:
+    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing.
+
+    Everything is written to a hidden sibling directory first and renamed at the end, so a
+    failed run leaves nothing at ``output`` (an exception removes the sibling; a killed
+    process may leave ``.NAME.partial-PID``, never a partial ``NAME``).
+    extra_files(directory) adds files beside the checkpoint.
+    """
+    refuse_existing_output(output)
+    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        (partial / "release").mkdir(parents=True)
+        sharded = _sharded_state_dict(model)
+        sharded.update(te_aliases(sharded, moe_layer_prefixes))
+        state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
+        dist_checkpointing.save(state, str(partial / "release"),
+                                content_metadata=CONTENT_METADATA)
+        (partial / TRACKER).write_text("release")
+        extra_files(partial)
+        refuse_existing_output(output)
+        partial.rename(output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""A Hugging Face Qwen3 directory (config.json + safetensors) as a dense Megatron GPTModel.
+
+Qwen3 is a Megatron GPT with grouped-query attention, per-head RMSNorm on queries and keys
+(``--qk-layernorm``), RoPE, SwiGLU, RMSNorm and no linear biases. The only layout change is
+the attention input projection: Megatron's ``linear_qkv`` holds, for each of the
+``num_key_value_heads`` groups in turn, the group's query heads, then its key head, then its
+value head; Qwen3 keeps q_proj, k_proj and v_proj apart. Nothing is downloaded.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import torch
+from safetensors import safe_open
+
+from megatron_null_moe.upcycle.architecture import DenseArchitecture
+
+HF_FLAG = "--hf-model"
+
+
+def _refuse(directory: Path, what: str) -> None:
+    raise ValueError(f"{HF_FLAG} {directory}: {what}")
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        _refuse(directory, "no config.json; allowed: a Hugging Face Qwen3ForCausalLM directory "
+                           "(config.json and *.safetensors).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        _refuse(directory, f"config.json is not valid JSON ({error}).")
+
+
+def qwen3_architecture(directory: Path, config: dict) -> DenseArchitecture:
+    """DenseArchitecture of a Qwen3 config; anything else is refused, naming what is allowed."""
+    model_type = config.get("model_type")
+    if model_type == "qwen3_moe" or config.get("num_experts"):
+        _refuse(directory, f"model_type {model_type!r} is already a mixture of experts; "
+                           "allowed: a dense model, model_type 'qwen3'.")
+    if model_type != "qwen3":
+        _refuse(directory, f"model_type {model_type!r} is not supported; allowed: 'qwen3'.")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    for name, value, allowed in (("hidden_act", config.get("hidden_act"), "silu"),
+                                 ("rope_type", rope_type, "default"),
+                                 ("attention_bias", config.get("attention_bias", False), False),
+                                 ("use_sliding_window",
+                                  config.get("use_sliding_window", False), False)):
+        if value != allowed:
+            _refuse(directory, f"{name}={value!r} is not supported; allowed: {allowed!r}.")
+    heads = config["num_attention_heads"]
+    return DenseArchitecture(
+        num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads", heads),
+        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        rotary_base=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        norm_epsilon=config["rms_norm_eps"], normalization="RMSNorm", qk_layernorm=True,
+        gated_linear_unit=True, activation="silu",
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        init_method_std=config.get("initializer_range", 0.02),
+        attention_dropout=config.get("attention_dropout", 0.0),
+    )
+
+
+class SafetensorsReader:
+    """Tensors of a Hugging Face directory by name, read one at a time (memory-light)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            _refuse(directory, "no model.safetensors or model.safetensors.index.json.")
+        self._files = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        for name in files:
+            try:
+                self._files[name] = safe_open(str(directory / name), framework="pt")
+            except Exception as error:  # safetensors raises its own error types
+                _refuse(directory, f"{name} cannot be read as safetensors ({error}).")
+        self._where = weight_map or {key: "model.safetensors"
+                                     for key in self._files["model.safetensors"].keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            _refuse(self.directory, f"tensor {name!r} is missing.")
+        try:
+            return self._files[self._where[name]].get_tensor(name)
+        except Exception as error:
+            _refuse(self.directory, f"tensor {name!r} cannot be read ({error}).")
+
+
+def interleave_qkv(q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
+                   num_query_groups: int) -> torch.Tensor:
+    """[(heads + 2 groups) d, h] Megatron linear_qkv from q [heads d, h], k and v [groups d, h]:
+    per group, its heads/groups query heads, then its key head, then its value head."""
+    hidden = q_weight.shape[1]
+    q = q_weight.reshape(num_query_groups, -1, hidden)
+    k = k_weight.reshape(num_query_groups, -1, hidden)
+    v = v_weight.reshape(num_query_groups, -1, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def megatron_tensors(reader: SafetensorsReader,
+                     dense: DenseArchitecture) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Megatron GPTModel parameter name, tensor) for every parameter of the dense model."""
+    yield "embedding.word_embeddings.weight", reader["model.embed_tokens.weight"]
+    for layer in range(dense.num_layers):
+        hf, mg = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        attention = hf + "self_attn."
+        yield mg + "input_layernorm.weight", reader[hf + "input_layernorm.weight"]
+        yield mg + "self_attention.linear_qkv.weight", interleave_qkv(
+            reader[attention + "q_proj.weight"], reader[attention + "k_proj.weight"],
+            reader[attention + "v_proj.weight"], dense.num_query_groups)
+        yield mg + "self_attention.q_layernorm.weight", reader[attention + "q_norm.weight"]
+        yield mg + "self_attention.k_layernorm.weight", reader[attention + "k_norm.weight"]
+        yield mg + "self_attention.linear_proj.weight", reader[attention + "o_proj.weight"]
+        yield mg + "pre_mlp_layernorm.weight", reader[hf + "post_attention_layernorm.weight"]
+        yield mg + "mlp.linear_fc1.weight", torch.cat(
+            [reader[hf + "mlp.gate_proj.weight"], reader[hf + "mlp.up_proj.weight"]])
+        yield mg + "mlp.linear_fc2.weight", reader[hf + "mlp.down_proj.weight"]
+    yield "decoder.final_layernorm.weight", reader["model.norm.weight"]
+    if not dense.tie_embeddings:
+        yield "output_layer.weight", reader["lm_head.weight"]
+
+
+def load_into(model: torch.nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]],
+              source: str) -> None:
+    """Copy every (name, tensor) into ``model``'s parameter of that name; each parameter
+    must be filled exactly once, with the same shape."""
+    targets: Dict[str, torch.Tensor] = dict(model.named_parameters())
+    filled = set()
+    for name, tensor in tensors:
+        if name not in targets or targets[name].shape != tensor.shape:
+            expected = tuple(targets[name].shape) if name in targets else "no such parameter"
+            raise ValueError(f"{source}: tensor for {name} has shape {tuple(tensor.shape)}; "
+                             f"the model expects {expected}.")
+        with torch.no_grad():
+            targets[name].copy_(tensor)
+        filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise ValueError(f"{source}: no tensor for {missing[:5]}")
