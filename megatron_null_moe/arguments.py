@@ -7,7 +7,6 @@ combinations and returns the ``NullExpertConfig`` (None when null experts are of
 
 import argparse
 import logging
-import os
 import re
 from typing import Optional
 
@@ -19,6 +18,7 @@ from megatron_null_moe.config import (
     NullExpertConfig,
 )
 from megatron_null_moe.dispatcher import warn_allgather_saves_no_communication
+from megatron_null_moe.process_groups import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument(
         BUDGET_RATE_FLAG, type=float, default=None, metavar="RATE",
-        help=f"The budget controller's rate: logits of null bias per unit of real-fraction "
-             f"error and step (default {DEFAULT_RATE:g}). Needs {BUDGET_CONTROLLER_FLAG}.",
+        help=f"The budget controller's rate: null bias, in spreads of the router's real "
+             f"logits, per unit of real-fraction error and step (default {DEFAULT_RATE:g}). "
+             f"Needs {BUDGET_CONTROLLER_FLAG}.",
     )
     group.add_argument(
         EXPERT_PATH_FLAG, choices=EXPERT_PATH_CHOICES, default="megatron",
@@ -154,8 +155,7 @@ def _balance_loss_on(args: argparse.Namespace) -> bool:
 
 
 def _warn_on_rank_0(message: str) -> None:
-    # Parsing comes before torch.distributed exists: torchrun's RANK says who speaks.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         logger.warning(message)
 
 

@@ -1,7 +1,8 @@
 """Budget controller: hold each MoE layer's realised real fraction at its target rho.
 
-The balance loss alone lets the real fraction settle above rho (0.565 for rho = 0.5 in the
-demo), so the expert FLOPs exceed what the user asked for. The controller adds a
+The balance loss alone lets the real fraction settle where the loss balances, not at rho
+(0.52-0.58 per layer for rho = 0.5 in the demo), so the expert FLOPs differ from what the
+user asked for. The controller adds a
 selection-only bias b to the null logit of each layer (it changes which slots are chosen;
 weights and losses never see it), updated after each optimizer step from the global batch's
 realised real fraction f of that layer by a proportional-integral rule:

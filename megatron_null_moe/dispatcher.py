@@ -5,7 +5,6 @@ has between 0 and K, so each subclass overrides the one place that assumption li
 """
 
 import logging
-import os
 
 import torch
 
@@ -14,6 +13,8 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoEAlltoAllTokenDispatcher,
     MoEFlexTokenDispatcher,
 )
+
+from megatron_null_moe.process_groups import is_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,7 @@ def warn_allgather_saves_no_communication() -> None:
     if _allgather_warned:
         return
     _allgather_warned = True
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() \
-        else int(os.environ.get("RANK", "0"))
-    if rank == 0:
+    if is_rank_zero():
         logger.warning(
             "Null experts with --moe-token-dispatcher-type allgather: results are correct and "
             "expert FLOPs are saved, but allgather gathers every token regardless of routing, "

@@ -5,9 +5,18 @@ benchmark, examples and tests.
 """
 
 import contextlib
+import os
 import socket
 
 import torch
+
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for all: rank 0 of torch.distributed, or before it
+    exists (argument parsing, start-up), torchrun's RANK (absent: a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def free_port() -> int:

@@ -29,12 +29,11 @@ import torch
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
-from megatron_null_moe.process_groups import free_port
+from megatron_null_moe.process_groups import free_port, is_rank_zero
 
 
 def _print_rank_0(message: str) -> None:
-    """Start-up messages come before torch.distributed exists: torchrun's RANK decides."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(f"> megatron_null_moe: {message}", flush=True)
 
 
