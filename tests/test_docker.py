@@ -201,6 +201,22 @@ def test_plugin_is_installed_from_the_build_context(dockerfile):
                 f"{path} is copied but excluded by {DOCKERIGNORE.name}"
 
 
+def test_every_runtime_dependency_of_the_plugin_is_installed(dockerfile):
+    """The plugin goes in with --no-deps: each package setup.cfg's install_requires names
+    must come from the base image or an explicit install line."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    required = {re.split(r"[<>=!~\[ ]", line.strip(), maxsplit=1)[0].lower()
+                for line in setup["options"]["install_requires"].splitlines() if line.strip()}
+    installed = {re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+                 for _, _, requirements in pip_installs(dockerfile)
+                 for requirement in requirements if not requirement.startswith(".")}
+    from_base = {"torch", "numpy", "packaging"}  # NVIDIA's PyTorch image
+    assert required - installed - from_base == set()
+
+
 def test_readme_build_command_names_this_dockerfile():
     readme = DOCKER_README.read_text()
     builds = re.findall(r"docker build -f (\S+) -t (\S+) (\S+)", readme)
