@@ -133,9 +133,11 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
     rho = null_config.pool_real_fraction(num_experts)
     holder = (f"budget controller on (rate {null_config.budget_control_rate:g})"
               if null_config.budget_control_rate is not None else "budget controller off")
+    path = getattr(args, "moe_null_expert_path", None) or "megatron"
     return (f"null experts: N={num_experts} real + M={null_config.null_copies_for(num_experts)} "
             f"null copies, top-{topk}; target real fraction {rho:.4g} ({rho * topk:.4g} real "
-            f"experts per token on average, each token between {fewest} and {most}); {holder}.")
+            f"experts per token on average, each token between {fewest} and {most}); {holder}; "
+            f"expert path {path}.")
 
 
 def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:

@@ -418,14 +418,23 @@ def test_trains_from_upcycled_qwen3_saves_and_resumes_exactly(tmp_path, upcycled
         assert tensorboard["null real fraction"][step] == pytest.approx(0.5, abs=0.1), step
 
 
-def test_plain_load_of_the_upcycled_checkpoint_trains(tmp_path, upcycled_qwen3):
+def test_plain_load_of_the_upcycled_checkpoint_trains_on_either_expert_path(tmp_path,
+                                                                           upcycled_qwen3):
     """--load <upcycled> alone (Megatron's check of the checkpoint's args runs): a release
-    checkpoint starts at iteration 0 with a fresh optimizer."""
-    output = _train(upcycled_qwen3, upcycled_qwen3, tmp_path / "ckpt", tmp_path,
-                    "--train-iters", "1", "--save-interval", "100")
-    assert f"loading release distributed checkpoint from {upcycled_qwen3}" in output
-    assert "attempting to finetune" not in output
-    assert "iteration        1/       1" in output
+    checkpoint starts at iteration 0 with a fresh optimizer. The lean expert path loads the
+    same expert weights: its first-step loss is the Megatron path's."""
+    losses = {}
+    for path in ("megatron", "lean"):
+        run = tmp_path / path
+        output = _train(upcycled_qwen3, upcycled_qwen3, run / "ckpt", run,
+                        "--train-iters", "1", "--save-interval", "100",
+                        "--moe-null-expert-path", path)
+        assert f"loading release distributed checkpoint from {upcycled_qwen3}" in output
+        assert "attempting to finetune" not in output
+        assert "iteration        1/       1" in output
+        assert f"; expert path {path}." in output
+        losses[path] = scalars(run)["lm loss"][1]
+    assert losses["lean"] == pytest.approx(losses["megatron"], rel=1e-5)
 
 
 def test_patched_megatron_lm_script_trains_from_the_upcycled_checkpoint(tmp_path,
