@@ -1,8 +1,9 @@
 """Where the plugin meets Megatron's training loop, in one place.
 
 Megatron's loop has no callback for per-step metrics, controllers or FLOPs, so three module
-attributes of ``megatron.training.training`` are wrapped while ``null_expert_training()`` is
-active (the entry point and the patched Megatron-LM ``pretrain_gpt.py`` both enter it):
+attributes of ``megatron.training.training`` and one of ``megatron.training.checkpointing``
+are wrapped while ``null_expert_training()`` is active (the entry point and the patched
+Megatron-LM ``pretrain_gpt.py`` both enter it):
 
 - ``train_step``: after each step (optimizer step included), the routing counters of every
   MoE layer are summed over all ranks (one all-reduce of [layers, K+5] numbers and one
@@ -12,6 +13,8 @@ active (the entry point and the patched Megatron-LM ``pretrain_gpt.py`` both ent
   experts the computed count is measured, so FLOPs (and TFLOP/s, MFU) use the measured mean.
 - ``training_log``: adds the null statistics to the losses Megatron prints and sends to
   TensorBoard, and writes per-layer scalars at each log interval.
+- ``checkpointing._load_base_checkpoint``: refuses to load the distributed optimizer's state
+  saved on the other expert path (``--moe-null-expert-path``).
 
 Also: the wheel ships the compiled dataset helper but not its Makefile, so Megatron's
 compile step would exit; it is skipped when the helper imports. Without CUDA the CPU
@@ -262,6 +265,36 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
     return training_log
 
 
+def refuse_optimizer_state_across_expert_paths(checkpoint_args, args, release: bool) -> None:
+    """The distributed optimizer stores its state in buckets laid out by parameter, and the
+    two expert paths hold the experts in different parameters (one stacked tensor per linear
+    vs one per expert), so that state would load into the wrong places or not at all. The
+    model weights (and the non-distributed optimizer's state, tested) carry across."""
+    saved = getattr(checkpoint_args, "moe_null_expert_path", None) or "megatron"
+    wanted = getattr(args, "moe_null_expert_path", None) or "megatron"
+    loads_optimizer = not (release or args.finetune or args.no_load_optim
+                           or getattr(checkpoint_args, "no_save_optim", False))
+    if saved != wanted and loads_optimizer and args.use_distributed_optimizer:
+        raise ValueError(
+            f"--moe-null-expert-path {wanted}: the checkpoint at --load was saved with "
+            f"--moe-null-expert-path {saved}, and the distributed optimizer's state does not "
+            f"carry across expert paths; allowed: --moe-null-expert-path {saved}, or "
+            "--no-load-optim (the weights load, the optimizer state starts fresh).")
+
+
+def null_expert_checkpoint_load(original):
+    """Megatron's _load_base_checkpoint, then the check of the saved expert path."""
+
+    def _load_base_checkpoint(load_dir, args, *more, **kwargs):
+        result = original(load_dir, args, *more, **kwargs)
+        state_dict, _, release, _ = result
+        if state_dict and state_dict.get("args") is not None:
+            refuse_optimizer_state_across_expert_paths(state_dict["args"], args, release)
+        return result
+
+    return _load_base_checkpoint
+
+
 @contextlib.contextmanager
 def _attribute(owner, name, value):
     original = getattr(owner, name)
@@ -297,6 +330,7 @@ def null_expert_training(on_cpu: Optional[bool] = None):
     """Everything Megatron's loop needs for null experts; yields the NullExpertMonitor,
     whose ``configure(args)`` the caller runs after parsing. on_cpu: default, no CUDA."""
     import megatron.core.datasets.utils as dataset_utils
+    import megatron.training.checkpointing as checkpointing
     import megatron.training.training as training
 
     from megatron_null_moe.cpu import cpu_harness
@@ -319,4 +353,7 @@ def null_expert_training(on_cpu: Optional[bool] = None):
                               monitor.mean_computed_experts)))
         stack.enter_context(_attribute(
             training, "training_log", null_expert_training_log(training.training_log, monitor)))
+        stack.enter_context(_attribute(
+            checkpointing, "_load_base_checkpoint",
+            null_expert_checkpoint_load(checkpointing._load_base_checkpoint)))
         yield monitor

@@ -183,22 +183,30 @@ def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
     assert float((loaded["decoder.layers.mlp.router.weight"] - trained).abs().max()) == 0.0
 
 
-def test_lean_expert_path_trains_like_the_megatron_path_and_saves(tmp_path):
+def test_lean_expert_path_equals_the_megatron_path_and_resumes_its_checkpoint(tmp_path):
     """--moe-null-expert-path lean on Megatron's loop: the same first loss as the Megatron
-    path (same initial weights), training continues, and the checkpoint holds the experts in
+    path (same initial weights); a Megatron-path checkpoint of iteration 2 resumed on the
+    lean path (weights and Megatron's default optimizer state carry across) gives the
+    uninterrupted run's losses at iterations 3 and 4; the lean path saves the experts in
     SequentialMLP's layout."""
-    lean, megatron = tmp_path / "lean", tmp_path / "megatron"
-    for directory in (lean, megatron):
+    megatron, fresh, resumed = tmp_path / "megatron", tmp_path / "fresh", tmp_path / "resumed"
+    for directory in (megatron, fresh, resumed):
         directory.mkdir()
-    output = run_pretrain(lean, "--moe-null-expert-path", "lean", "--train-iters", "3",
-                          "--save", str(lean / "ckpt"), "--save-interval", "3")
-    assert "null real fraction" in output
-    run_pretrain(megatron, "--train-iters", "1")
-    lean_loss, megatron_loss = scalars(lean)["lm loss"], scalars(megatron)["lm loss"]
-    assert sorted(lean_loss) == [1, 2, 3]
-    assert lean_loss[1] == pytest.approx(megatron_loss[1], rel=1e-5)
-    assert lean_loss[3] < lean_loss[1]
-    tensors = _checkpoint_tensors(lean / "ckpt")
+    run_pretrain(megatron, "--train-iters", "4", "--save", str(megatron / "ckpt"),
+                 "--save-interval", "2")
+    output = run_pretrain(fresh, "--moe-null-expert-path", "lean", "--train-iters", "1")
+    assert "null real fraction" in output and "; expert path lean." in output
+    (megatron / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
+    run_pretrain(resumed, "--train-iters", "4", "--load", str(megatron / "ckpt"),
+                 "--moe-null-expert-path", "lean", "--save", str(resumed / "ckpt"),
+                 "--save-interval", "4")
+    expected = scalars(megatron)["lm loss"]
+    assert scalars(fresh)["lm loss"][1] == pytest.approx(expected[1], rel=1e-5)
+    losses = scalars(resumed)["lm loss"]
+    assert sorted(losses) == [3, 4]
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+    tensors = _checkpoint_tensors(resumed / "ckpt")
     # [layers, experts, FFN, hidden]
     assert tuple(tensors["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape) == (
         2, 4, 256, 64)
