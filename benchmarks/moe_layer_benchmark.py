@@ -378,4 +378,5 @@ def _versions():
 
 
 if __name__ == "__main__":
-    main()
+    # Exit status 1 when a configuration failed (skipped for time is not a failure).
+    sys.exit(any(not row.get("error", "skipped").startswith("skipped") for row in main()))
