@@ -11,7 +11,9 @@ and combine, forward and backward. Paths: "upstream" (Megatron-Core's MoELayer),
 --warmup steps: GPU time by CUDA events and host time by the wall clock until the step has
 been issued (perf_counter on the CPU, where both are the same). Per step it also counts
 host-device synchronisations (CUDA's sync debug mode; on the CPU the calls that would
-synchronise) and GPU kernels (torch.profiler). Prints a table with ratios against upstream
+synchronise), GPU kernels (torch.profiler) and, on the lean path, FP8 grouped GEMMs (an FP8
+lean row whose FP8 kernel did not run is an error, not a BF16 time). The JSON is rewritten
+after every configuration, so a run that is killed keeps what it measured. Prints a table with ratios against upstream
 K4 rho=1 and K8 rho=1 and the issue's targets, and writes JSON. Ratios are the result;
 absolute times only compare within one run.
 """
@@ -169,6 +171,24 @@ def count_kernels(step, on_gpu):
     return sum(not name.startswith(("Memcpy", "Memset")) for name in device_events), copies
 
 
+def count_lean_fp8_gemms(step):
+    """Calls of the lean path's FP8 grouped linear in one step (forward: fc1 and fc2)."""
+    from megatron_null_moe.lean import grouped_gemm
+
+    original, calls = grouped_gemm.fp8_grouped_linear, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    grouped_gemm.fp8_grouped_linear = counted
+    try:
+        step()
+    finally:
+        grouped_gemm.fp8_grouped_linear = original
+    return len(calls)
+
+
 def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_gpu):
     """One configuration's row; its layer is freed when this returns."""
     name, topk, rho, path = config_row
@@ -189,6 +209,9 @@ def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_g
         probs, _ = layer.router(x)
         probs.float().sum().backward()
 
+    fp8_gemms = count_lean_fp8_gemms(layer_step) if path == "lean" else None
+    if precision == "fp8" and path == "lean" and not fp8_gemms:
+        raise RuntimeError("the lean FP8 grouped GEMM did not run: this would time BF16")
     layer_ms, host_ms = timer.measure(layer_step, args.warmup, args.repeats)
     try:
         kernels, copies = count_kernels(layer_step, on_gpu)
@@ -202,10 +225,12 @@ def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_g
         "syncs_per_step": count_syncs(layer_step, on_gpu),
         "router_syncs_per_step": count_syncs(router_step, on_gpu),
         "kernels_per_step": kernels, "dtoh_copies_per_step": copies,
+        "lean_fp8_gemms_per_step": fp8_gemms,
     }
 
 
-def benchmark(args):
+def benchmark(args, save=lambda rows: None):
+    """All rows; ``save(rows)`` after each configuration."""
     on_gpu = args.preset != "cpu-smoke"
     shape = PRESETS[args.preset]
     timer = Timer(on_gpu)
@@ -231,7 +256,8 @@ def benchmark(args):
                     rows.append(dict(base, error=f"{type(error).__name__}: {error}"))
                 if on_gpu:
                     torch.cuda.empty_cache()
-    add_ratios(rows)
+                add_ratios(rows)
+                save(rows)
     return rows
 
 
@@ -313,18 +339,25 @@ def main(argv=None):
     on_cpu = args.preset == "cpu-smoke"
     if on_cpu:
         torch.set_num_threads(1)
-    with single_process_parallel_state("cpu" if on_cpu else "cuda"):
-        rows = benchmark(args)
     meta = {"preset": args.preset, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "warmup": args.warmup, "repeats": args.repeats,
             "date": time.strftime("%Y-%m-%d")}
     meta.update(_versions())
-    # CPU smoke times say nothing about GPU speed: no targets there.
-    target_rows = targets(rows) if not on_cpu else []
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"meta": meta, "rows": rows, "targets": target_rows},
-                                      indent=2))
+
+    def save(rows, complete=False):
+        # CPU smoke times say nothing about GPU speed: no targets there.
+        target_rows = targets(rows) if not on_cpu else []
+        partial = args.output.with_name(args.output.name + ".partial")
+        partial.write_text(json.dumps({"meta": dict(meta, complete=complete), "rows": rows,
+                                       "targets": target_rows}, indent=2))
+        partial.replace(args.output)  # a kill mid-write leaves the previous JSON whole
+        return target_rows
+
+    with single_process_parallel_state("cpu" if on_cpu else "cuda"):
+        rows = benchmark(args, save)
+    target_rows = save(rows, complete=True)
     print(" ".join(f"{key}={value}" for key, value in meta.items()))
     print(table(rows, target_rows))
     print(f"json: {args.output}", file=sys.stderr)
@@ -345,4 +378,5 @@ def _versions():
 
 
 if __name__ == "__main__":
-    main()
+    # Exit status 1 when a configuration failed (skipped for time is not a failure).
+    sys.exit(any(not row.get("error", "skipped").startswith("skipped") for row in main()))

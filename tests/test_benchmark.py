@@ -27,13 +27,44 @@ def test_cpu_smoke_run_reports_every_path_and_config_with_ratios(tmp_path, capsy
             row["layer_ms"] / by_name["upstream K8 rho=1"]["layer_ms"])
     saved = json.loads(output.read_text())
     assert saved["rows"] == rows and saved["targets"] == []  # targets only on a GPU preset
+    assert saved["meta"]["complete"] is True
     for row in rows:
         if row["path"] == "lean":
             # Nothing after the router reads back to the host.
             assert row["syncs_per_step"] == row["router_syncs_per_step"]
+            assert row["lean_fp8_gemms_per_step"] == 0  # FP32 here
         else:
             assert row["syncs_per_step"] > row["router_syncs_per_step"]
     assert "lean K8 rho=0.5" in capsys.readouterr().out
+
+
+def test_json_is_kept_up_to_date_when_the_run_is_killed(tmp_path, monkeypatch):
+    """A kill (here: an interrupt after two configurations) keeps the rows measured so far."""
+    measured = []
+
+    def fake_measure(shape, config_row, precision, hidden, *rest):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(config_row[0])
+        return {"precision": precision, "tokens": hidden.shape[0], "config": config_row[0],
+                "path": config_row[3], "layer_ms": 1.0}
+
+    monkeypatch.setattr(benchmark, "measure_config", fake_measure)
+    output = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--preset", "cpu-smoke", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert [r["config"] for r in saved["rows"]] == measured
+    assert saved["meta"]["complete"] is False
+
+
+def test_lean_fp8_gemms_are_counted(monkeypatch):
+    from megatron_null_moe.lean import fp8, grouped_gemm
+
+    monkeypatch.setattr(fp8.Fp8GroupedLinear, "apply", lambda *args: None)
+    step = lambda: [grouped_gemm.fp8_grouped_linear(None, None, None) for _ in range(2)]
+    assert benchmark.count_lean_fp8_gemms(step) == 2
+    assert grouped_gemm.fp8_grouped_linear.__name__ == "fp8_grouped_linear"  # restored
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -103,6 +103,25 @@ def test_options_the_lean_experts_cannot_honour_are_refused():
         validate_lean_experts(config)
 
 
+def test_cuda_needs_bf16_and_16_byte_aligned_sizes():
+    """CUDA's grouped GEMM syncs on the host for FP16/FP32 (its per-expert fallback): refused
+    there, naming --bf16; the CPU keeps FP32 and BF16."""
+    config = moe_config()
+    validate_lean_experts(config, on_cuda=False)
+    with pytest.raises(ValueError, match=r"params_dtype=torch.float32 \(--bf16\); allowed: "
+                                         r"torch.bfloat16 on CUDA"):
+        validate_lean_experts(config, on_cuda=True)
+    config.fp16, config.params_dtype = True, torch.float16
+    for on_cuda in (True, False):
+        with pytest.raises(ValueError, match=r"\(--bf16\); allowed"):
+            validate_lean_experts(config, on_cuda=on_cuda)
+    config.fp16, config.bf16, config.params_dtype = False, True, torch.bfloat16
+    validate_lean_experts(config, on_cuda=True)
+    config.hidden_size = 20
+    with pytest.raises(ValueError, match="--hidden-size.*allowed: a multiple of 8"):
+        validate_lean_experts(config, on_cuda=True)
+
+
 def test_fp8_grouped_linear_refuses_the_cpu_clearly():
     x, weight = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(2, 16, 16).bfloat16()
     with pytest.raises(RuntimeError, match="FP8 lean experts need CUDA"):

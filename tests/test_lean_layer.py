@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from builders import build_moe_layer, moe_config, named_expert_tensors
 from megatron_null_moe import NullExpertConfig, with_null_experts
@@ -162,3 +163,14 @@ def test_refused_with_the_flag_named(overrides, flag):
 def test_unknown_expert_path_refused():
     with pytest.raises(ValueError, match="--moe-null-expert-path.*'fast'; allowed: megatron, lean"):
         with_null_experts(None, NullExpertConfig(0.5), expert_path="fast")
+
+
+def test_sync_counter_sees_blocking_copies_comparisons_and_value_sized_one_hot():
+    tokens = torch.arange(4)
+    would_sync = [lambda: tokens.to("cpu"), lambda: tokens.to(device="cpu"),
+                  lambda: torch.equal(tokens, tokens), lambda: tokens.allclose(tokens),
+                  lambda: F.one_hot(tokens)]
+    free = [lambda: tokens.to("cpu", non_blocking=True), lambda: tokens.to(torch.float32),
+            lambda: tokens.to(tokens.device), lambda: F.one_hot(tokens, 4)]
+    assert [len(count_sync_ops(step)) for step in would_sync] == [1] * len(would_sync)
+    assert [len(count_sync_ops(step)) for step in free] == [0] * len(free)

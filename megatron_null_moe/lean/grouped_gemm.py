@@ -3,6 +3,13 @@
 Legend: M rows (tokens sorted by expert, possibly followed by unused rows), K input features,
 N output features, G experts (groups). ``offsets_G`` are the int32 end rows of the groups;
 rows past ``offsets_G[-1]`` are neither read nor written (their output is undefined).
+
+Undefined means uninitialised: torch allocates grouped GEMM outputs with ``empty_strided``, so
+unused rows may hold NaN or Inf bit patterns (also in gradients). They never reach outputs or
+gradients (they go to dropped padding rows, and their routing-weight gradients are dropped by
+a ``where`` in ``permute.gather_probs``, never multiplied by zero), but ``torch.autograd.detect_anomaly`` checks every backward node's whole
+output and can flag them. Zeroing them would cost a masked pass over every [M, N] buffer,
+forward and backward, so they are left as they are.
 """
 
 import torch

@@ -4,6 +4,9 @@ Every refusal is a ValueError naming the setting, its launch flag, the value and
 allowed, so a launch with ``--moe-null-expert-path lean`` fails at start-up, not mid-step.
 """
 
+from typing import Optional
+
+import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 LEAN_FLAG = "--moe-null-expert-path lean"
@@ -14,8 +17,13 @@ def _refuse(setting: str, flag: str, value, allowed: str, why: str) -> None:
         f"{LEAN_FLAG} does not support {setting}={value!r} ({flag}); allowed: {allowed}. {why}")
 
 
-def validate_lean_experts(config: TransformerConfig) -> None:
-    """Refuse what LeanGroupedExperts does not implement."""
+def validate_lean_experts(config: TransformerConfig, on_cuda: Optional[bool] = None) -> None:
+    """Refuse what LeanGroupedExperts does not implement.
+
+    on_cuda: whether the experts will run on CUDA; default ``torch.cuda.is_available()``
+    (Megatron trains on CUDA wherever it exists; the CPU harness runs only without it).
+    """
+    _validate_dtype_and_sizes(config, torch.cuda.is_available() if on_cuda is None else on_cuda)
     if config.add_bias_linear:
         _refuse("add_bias_linear", "--disable-bias-linear", True, "False",
                 "Lean experts have no biases.")
@@ -50,6 +58,24 @@ def validate_lean_experts(config: TransformerConfig) -> None:
         _validate_fp8(config)
 
 
+def _validate_dtype_and_sizes(config: TransformerConfig, on_cuda: bool) -> None:
+    """CUDA's grouped GEMM has a kernel for BF16 only: FP16 and FP32 fall back to one GEMM per
+    expert after copying the offsets to the host (a sync per GEMM). Every device needs the
+    operands' row strides in multiples of 16 bytes."""
+    dtype = config.params_dtype
+    if on_cuda and (config.fp16 or dtype != torch.bfloat16):
+        _refuse("params_dtype", "--bf16", dtype, "torch.bfloat16 on CUDA (--bf16; float32 or "
+                "bfloat16 on the CPU)", "CUDA's grouped GEMM is host-sync free for BF16 only.")
+    if dtype not in (torch.bfloat16, torch.float32):
+        _refuse("params_dtype", "--bf16", dtype, "torch.bfloat16 or torch.float32 (CPU)", "")
+    multiple = 16 // dtype.itemsize
+    for setting, size in (("hidden_size", config.hidden_size),
+                          ("moe_ffn_hidden_size", config.moe_ffn_hidden_size)):
+        if size % multiple:
+            _refuse(setting, f"--{setting.replace('_', '-')}", size, f"a multiple of {multiple}",
+                    f"Grouped GEMMs need 16-byte row strides ({dtype}).")
+
+
 def _validate_fp8(config: TransformerConfig) -> None:
     recipe = getattr(config.fp8_recipe, "value", config.fp8_recipe)
     if recipe != "tensorwise":
@@ -63,8 +89,9 @@ def _validate_fp8(config: TransformerConfig) -> None:
                     "FP8 grouped GEMMs need it.")
 
 
-def validate_lean_layer(config: TransformerConfig) -> None:
-    """Refuse what LeanTokenDispatcher (and the experts it feeds) do not implement."""
+def validate_lean_layer(config: TransformerConfig, on_cuda: Optional[bool] = None) -> None:
+    """Refuse what LeanTokenDispatcher (and the experts it feeds) do not implement (on_cuda:
+    see ``validate_lean_experts``)."""
     if config.moe_token_dispatcher_type != "alltoall":
         _refuse("moe_token_dispatcher_type", "--moe-token-dispatcher-type",
                 config.moe_token_dispatcher_type, "'alltoall'",
@@ -81,4 +108,4 @@ def validate_lean_layer(config: TransformerConfig) -> None:
     if config.cuda_graph_impl != "none":
         _refuse("cuda_graph_impl", "--cuda-graph-impl", config.cuda_graph_impl, "'none'",
                 "Megatron's CUDA-graph capture of MoE layers is not verified with this path.")
-    validate_lean_experts(config)
+    validate_lean_experts(config, on_cuda)
