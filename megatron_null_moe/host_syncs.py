@@ -5,7 +5,8 @@ synchronised. On the CPU nothing synchronises, so ``SyncOpCounter`` (a TorchFunc
 records the calls that would on a GPU: reading values back to the host (``item``,
 ``tolist``, ``cpu``, ``numpy``, ``bool``/``int``/``float`` of a tensor, a blocking
 ``to("cpu")`` with the device named as a string (a non-blocking one alone is not counted, the
-read that must wait for it is), ``equal``/``allclose``) and ops whose output size depends on tensor values (``nonzero``, ``masked_select``, ``unique``,
+read that must wait for it is), ``equal``/``allclose``) and ops whose output size depends on
+tensor values (``nonzero``, ``masked_select``, ``unique``,
 ``bincount``, ``one_hot`` without ``num_classes``, ``repeat_interleave`` without
 ``output_size``, one-argument ``where``, indexing with a boolean mask). Backward passes run
 inside the counter too. Not counted: copies to or from a device given as a torch.device or a
