@@ -212,6 +212,41 @@ def test_drop_upcycling_reinitialises_the_stated_share_of_each_expert(parallel_s
     assert not torch.equal(columns[0], columns[2])  # copies of a slice differ
 
 
+TINY = DenseArchitecture(num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                         num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                         vocab_size=128, max_position_embeddings=128, rotary_base=1e6,
+                         norm_epsilon=1e-6)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--granularity", "4"),  # the default top-2 at G = 4
+     r"--moe-router-topk 2 is not a multiple of --granularity 4: .* take 2 real experts"),
+    (("--granularity", "4", "--moe-null-expert-rho", "0.5"),  # M = 8
+     r"--moe-router-topk 2 is not a multiple of --granularity 4"),
+    (("--granularity", "4", "--moe-router-topk", "4", "--moe-null-expert-rho", "0.8"),
+     r"M=2 from --moe-null-expert-rho 0.8 is below --moe-router-topk 4 and not a multiple "
+     r"of --granularity 4: .* take 2 real experts"),
+    (("--granularity", "4", "--moe-router-topk", "4", "--moe-null-expert-rho", "0.8",
+      "--moe-num-null-experts", "2"), r"--moe-num-null-experts 2 is below"),
+])
+def test_grouped_router_init_refuses_a_top_k_that_cuts_a_group(argv, match):
+    """With grouped rows such a start is not the dense FFN; the message says what is allowed,
+    and --router-init independent (no such promise) takes the same setting."""
+    from megatron_null_moe.upcycle.__main__ import settings_from_args
+
+    def moe_shape(*more):
+        return settings_from_args(arguments("--hf-model", "unused", "--output", "unused",
+                                            "--num-experts", "8", *more)).moe_shape(TINY)
+
+    with pytest.raises(ValueError, match=match + r".*allowed: --moe-router-topk a multiple of "
+                                               r"--granularity.* or --router-init independent"):
+        moe_shape(*argv)
+    moe_shape(*argv, "--router-init", "independent")
+    for whole in (("--moe-router-topk", "4"), ("--moe-router-topk", "4",  # K = 4, M = 8
+                                               "--moe-null-expert-rho", "0.5")):
+        moe_shape("--granularity", "4", *whole)
+
+
 def _checkpoint_tensors(directory: Path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-init", choices=("grouped", "independent"), default="grouped",
                         help="grouped (default): the G experts of one FFN copy share a router "
                              "row, so a token takes whole copies and the layer starts as the "
-                             "dense FFN (with 0, G, 2G, ... real experts per token); "
-                             "independent: one random row per expert.")
+                             "dense FFN (with 0, G, 2G, ... real experts per token); needs K a "
+                             "multiple of G and M >= K or M a multiple of G (refused "
+                             "otherwise); independent: one random row per expert, no such "
+                             "start.")
     parser.add_argument("--null-start", choices=("calibrated", "mean-row"),
                         default="calibrated",
                         help="calibrated (default; train with --moe-null-budget-controller): "
