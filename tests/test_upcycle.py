@@ -356,6 +356,28 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
              r"its tensors cannot be loaded", output)
 
 
+def test_outputs_are_new_names_in_existing_directories(tmp_path):
+    """Checked before the read: a dangling link counts as existing, a missing parent is
+    refused (not created), for --output and --save-dense alike."""
+    from megatron_null_moe.upcycle.__main__ import refuse_existing_outputs
+
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("")
+    for flag, path, match in (
+            ("--output", tmp_path / "link", r"--output .*link exists; allowed: a path that "
+                                            r"does not exist"),
+            ("--save-dense", tmp_path / "file", r"--save-dense .*file exists"),
+            ("--output", tmp_path / "no" / "out", r"--output .*out: its parent directory "
+                                                  r".*no does not exist; allowed: a new "
+                                                  r"directory inside an existing one"),
+            ("--save-dense", tmp_path / "no" / "dense", r"--save-dense .* parent directory")):
+        paths = {"--output": tmp_path / "out", "--save-dense": tmp_path / "dense", flag: path}
+        with pytest.raises(ValueError, match=match):
+            refuse_existing_outputs(argparse.Namespace(output=paths["--output"],
+                                                       save_dense=paths["--save-dense"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
 def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 

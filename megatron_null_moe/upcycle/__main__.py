@@ -166,10 +166,10 @@ def upcycle(args: argparse.Namespace) -> dict:
 
 
 def refuse_existing_outputs(args: argparse.Namespace) -> None:
+    """Before the (long) read: each output must be a new name in an existing directory."""
     for flag, path in (("--output", args.output), ("--save-dense", args.save_dense)):
-        if path is not None and path.exists():
-            raise ValueError(f"{flag} {path} exists; allowed: a path that does not exist "
-                             "(nothing is overwritten).")
+        if path is not None:
+            checkpoint.refuse_existing_output(path, flag)
 
 
 def write_checkpoint(model, saved_args, output: Path, moe_layer_prefixes,

@@ -142,10 +142,16 @@ def te_aliases(sharded: Dict, moe_layer_prefixes: Iterable[str]) -> Dict:
     return aliases
 
 
-def refuse_existing_output(output: Path) -> None:
-    if output.exists():
-        raise ValueError(f"{OUTPUT_FLAG} {output} exists; allowed: a path that does not exist "
+def refuse_existing_output(output: Path, flag: str = OUTPUT_FLAG) -> None:
+    """ValueError naming ``flag`` unless ``output`` is a new name in an existing directory: an
+    existing path (a dangling link too) is never overwritten, a missing parent never made."""
+    if os.path.lexists(output):
+        raise ValueError(f"{flag} {output} exists; allowed: a path that does not exist "
                          "(nothing is overwritten).")
+    if not output.parent.is_dir():
+        raise ValueError(f"{flag} {output}: its parent directory {output.parent} does not "
+                         "exist; allowed: a new directory inside an existing one (no parent "
+                         "directory is created).")
 
 
 def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
@@ -161,7 +167,8 @@ def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
     refuse_existing_output(output)
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
-        (partial / "release").mkdir(parents=True)
+        partial.mkdir()
+        (partial / "release").mkdir()
         sharded = _sharded_state_dict(model)
         sharded.update(te_aliases(sharded, moe_layer_prefixes))
         state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
