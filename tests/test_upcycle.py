@@ -391,6 +391,40 @@ def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatc
     assert _nothing_written(output)
 
 
+def test_save_dense_is_written_with_the_moe_checkpoint_or_not_at_all(parallel_state, qwen3,
+                                                                     tmp_path, monkeypatch):
+    """The dense checkpoint is saved first; when the MoE save then fails, neither remains
+    (a rerun is not refused for a leftover dense directory)."""
+    from megatron.core import dist_checkpointing
+
+    save, saves = dist_checkpointing.save, []
+
+    def second_fails(*args, **kwargs):
+        saves.append(args[1])
+        if len(saves) == 2:
+            raise OSError("disk full (simulated)")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", second_fails)
+    output, dense = tmp_path / "out", tmp_path / "dense"
+    with pytest.raises(OSError, match="simulated"):
+        upcycle(arguments("--hf-model", qwen3, "--output", output, "--num-experts", "4",
+                          "--save-dense", dense))
+    assert len(saves) == 2 and ".dense.partial" in saves[0]
+    assert _nothing_written(output) and _nothing_written(dense)
+
+
+def test_save_dense_must_be_another_directory_than_output(tmp_path):
+    from megatron_null_moe.upcycle.__main__ import refuse_existing_outputs
+
+    (tmp_path / "link").symlink_to(tmp_path)
+    for dense in (tmp_path / "out", tmp_path / "link" / "out"):
+        with pytest.raises(ValueError, match=r"--save-dense .*out is --output .*out; allowed: "
+                                             r"another new directory"):
+            refuse_existing_outputs(argparse.Namespace(output=tmp_path / "out",
+                                                       save_dense=dense))
+
+
 def test_command_line_reports_start_and_refuses_with_exit_code(qwen3, tmp_path):
     command = [sys.executable, "-m", "megatron_null_moe.upcycle", "--hf-model", str(qwen3),
                "--num-experts", "6", "--granularity", "4", "--output", str(tmp_path / "bad")]

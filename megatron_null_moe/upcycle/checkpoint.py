@@ -7,11 +7,12 @@ Megatron's own converters write one: a ``release`` directory and a tracker file 
 fresh optimizer and RNG; the keys come from the model's ``sharded_state_dict``.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -154,29 +155,55 @@ def refuse_existing_output(output: Path, flag: str = OUTPUT_FLAG) -> None:
                          "directory is created).")
 
 
+@contextlib.contextmanager
+def staged_outputs(outputs: Sequence[Tuple[str, Path]]) -> Iterator[List[Path]]:
+    """A hidden sibling directory for each (flag, output), renamed onto the outputs only when
+    the block completes: all or nothing, across several outputs too.
+
+    An exception removes the siblings and any output this block already renamed (a failure
+    between two renames); a killed process may leave ``.NAME.partial-PID``, never a partial
+    ``NAME``.
+    """
+    for flag, output in outputs:
+        refuse_existing_output(output, flag)
+    partials = [output.parent / f".{output.name}.partial-{os.getpid()}" for _, output in outputs]
+    renamed = []
+    try:
+        for partial in partials:
+            partial.mkdir()
+        yield partials
+        for flag, output in outputs:
+            refuse_existing_output(output, flag)
+        for partial, (_, output) in zip(partials, outputs):
+            partial.rename(output)
+            renamed.append(output)
+    except BaseException:
+        for output in renamed:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    finally:
+        for partial in partials:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def save_release_checkpoint(model: torch.nn.Module, args, directory: Path,
+                            moe_layer_prefixes: Iterable[str],
+                            extra_files: Callable[[Path], None]) -> None:
+    """Save ``model`` as a Megatron release checkpoint in the existing, empty ``directory``
+    (a staged_outputs directory); extra_files(directory) adds files beside the checkpoint."""
+    (directory / "release").mkdir()
+    sharded = _sharded_state_dict(model)
+    sharded.update(te_aliases(sharded, moe_layer_prefixes))
+    state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
+    dist_checkpointing.save(state, str(directory / "release"), content_metadata=CONTENT_METADATA)
+    (directory / TRACKER).write_text("release")
+    extra_files(directory)
+
+
 def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
                              moe_layer_prefixes: Iterable[str],
                              extra_files: Callable[[Path], None]) -> None:
-    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing.
-
-    Everything is written to a hidden sibling directory first and renamed at the end, so a
-    failed run leaves nothing at ``output`` (an exception removes the sibling; a killed
-    process may leave ``.NAME.partial-PID``, never a partial ``NAME``).
-    extra_files(directory) adds files beside the checkpoint.
-    """
-    refuse_existing_output(output)
-    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
-    try:
-        partial.mkdir()
-        (partial / "release").mkdir()
-        sharded = _sharded_state_dict(model)
-        sharded.update(te_aliases(sharded, moe_layer_prefixes))
-        state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
-        dist_checkpointing.save(state, str(partial / "release"),
-                                content_metadata=CONTENT_METADATA)
-        (partial / TRACKER).write_text("release")
-        extra_files(partial)
-        refuse_existing_output(output)
-        partial.rename(output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing (written to a
+    hidden sibling directory and renamed at the end: staged_outputs)."""
+    with staged_outputs([(OUTPUT_FLAG, output)]) as (directory,):
+        save_release_checkpoint(model, args, directory, moe_layer_prefixes, extra_files)
