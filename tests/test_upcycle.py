@@ -5,8 +5,10 @@ with ``transformers`` and saved locally; nothing is downloaded.
 """
 
 import argparse
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +247,52 @@ def test_grouped_router_init_refuses_a_top_k_that_cuts_a_group(argv, match):
     for whole in (("--moe-router-topk", "4"), ("--moe-router-topk", "4",  # K = 4, M = 8
                                                "--moe-null-expert-rho", "0.5")):
         moe_shape("--granularity", "4", *whole)
+
+
+@functools.lru_cache(maxsize=None)
+def _megatron_defaults() -> dict:
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    return {action.dest: (action.option_strings, action.default) for action in parser._actions}
+
+
+@pytest.mark.parametrize("name,value", [
+    ("rotary_interleaved", True), ("use_rope_scaling", True),
+    ("rotary_seq_len_interpolation_factor", 2), ("no_rope_freq", 4),
+    ("window_size", (128, 0)), ("apply_residual_connection_post_layernorm", True),
+    ("openai_gelu", True), ("quick_geglu", True), ("qk_l2_norm", True),
+    ("attention_output_gate", True), ("softmax_type", "learnable"),
+    ("layernorm_zero_centered_gamma", True), ("glu_linear_offset", 1.0),
+    ("activation_func_clamp_value", 7.0), ("experimental_attention_variant", "dsa"),
+    ("use_mup", True),
+])
+def test_megatron_checkpoint_settings_that_change_the_function_are_refused(name, value):
+    """Each such setting of a dense checkpoint's args, at anything but Megatron-Core
+    0.19.2's default, is refused naming Megatron's flag; the default passes."""
+    from megatron_null_moe.upcycle.checkpoint import UNSUPPORTED_SETTINGS, dense_architecture
+
+    (flag, allowed), = [(f, a) for f, n, a in UNSUPPORTED_SETTINGS if n == name]
+    assert _megatron_defaults()[name] == ([flag], allowed)
+    args = checkpoint_args(TINY)
+    setattr(args, name, allowed)
+    assert dense_architecture(Path("ckpt"), args) == TINY
+    setattr(args, name, value)
+    message = f"--megatron-checkpoint ckpt: {flag}={value!r} is not supported; allowed: " \
+              f"{allowed!r}."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dense_architecture(Path("ckpt"), args)
+
+
+def test_megatron_checkpoint_without_normalization_reads_megatron_default():
+    from megatron_null_moe.upcycle.checkpoint import dense_architecture
+
+    args = checkpoint_args(TINY)
+    del args.normalization
+    assert dense_architecture(Path("ckpt"), args).normalization == "LayerNorm"
+    args.normalization = "Foo"
+    with pytest.raises(ValueError, match=r"--normalization='Foo'; allowed: 'LayerNorm'"):
+        dense_architecture(Path("ckpt"), args)
 
 
 def _checkpoint_tensors(directory: Path) -> dict:

@@ -63,26 +63,51 @@ def read_args(directory: Path):
     return common["args"]
 
 
+# (Megatron flag, args name, the one value allowed): settings that change the model's
+# function and that DenseArchitecture does not carry. A name missing from older args reads
+# as allowed (Megatron-Core 0.19.2's default, where the setting exists there).
+UNSUPPORTED_SETTINGS = (
+    ("--multi-latent-attention", "multi_latent_attention", False),
+    ("--add-bias-linear", "add_bias_linear", False),
+    ("--apply-layernorm-1p", "apply_layernorm_1p", False),  # older Megatron's name
+    ("--apply-layernorm-1p", "layernorm_zero_centered_gamma", False),
+    ("--squared-relu", "squared_relu", False),
+    ("--openai-gelu", "openai_gelu", False),
+    ("--quick-geglu", "quick_geglu", False),
+    ("--glu-linear-offset", "glu_linear_offset", 0.0),
+    ("--activation-func-clamp-value", "activation_func_clamp_value", None),
+    ("--position-embedding-type", "position_embedding_type", "rope"),
+    ("--rotary-percent", "rotary_percent", 1.0),
+    ("--rotary-interleaved", "rotary_interleaved", False),
+    ("--rotary-seq-len-interpolation-factor", "rotary_seq_len_interpolation_factor", None),
+    ("--use-rope-scaling", "use_rope_scaling", False),  # --rope-scaling-factor acts only so
+    ("--no-rope-freq", "no_rope_freq", None),
+    ("--window-size", "window_size", None),  # --window-attn-skip-freq acts only with it
+    ("--apply-residual-connection-post-layernorm",
+     "apply_residual_connection_post_layernorm", False),
+    ("--qk-l2-norm", "qk_l2_norm", False),
+    ("--attention-output-gate", "attention_output_gate", False),
+    ("--softmax-type", "softmax_type", "vanilla"),
+    ("--experimental-attention-variant", "experimental_attention_variant", None),
+    ("--use-mup", "use_mup", False),
+    ("--mtp-num-layers", "mtp_num_layers", None),
+    ("--hybrid-layer-pattern", "hybrid_layer_pattern", None),
+    ("--heterogeneous-layers-config-path", "heterogeneous_layers_config_path", None),
+)
+
+
 def dense_architecture(directory: Path, args) -> DenseArchitecture:
     """DenseArchitecture of a Megatron GPT checkpoint's args; other models are refused."""
     if getattr(args, "num_experts", None):
         _refuse(directory, f"already a mixture of experts (--num-experts {args.num_experts}); "
                            "allowed: a dense GPT checkpoint.")
-    for flag, name, allowed in (
-            ("--multi-latent-attention", "multi_latent_attention", False),
-            ("--add-bias-linear", "add_bias_linear", False),
-            ("--apply-layernorm-1p", "apply_layernorm_1p", False),
-            ("--squared-relu", "squared_relu", False),
-            ("--position-embedding-type", "position_embedding_type", "rope"),
-            ("--rotary-percent", "rotary_percent", 1.0),
-            ("--mtp-num-layers", "mtp_num_layers", None),
-            ("--hybrid-layer-pattern", "hybrid_layer_pattern", None),
-            ("--heterogeneous-layers-config-path", "heterogeneous_layers_config_path", None)):
+    for flag, name, allowed in UNSUPPORTED_SETTINGS:
         value = getattr(args, name, allowed)
         if value != allowed and not (allowed is None and not value):
             _refuse(directory, f"{flag}={value!r} is not supported; allowed: {allowed!r}.")
-    if getattr(args, "normalization", "LayerNorm") not in ("LayerNorm", "RMSNorm"):
-        _refuse(directory, f"--normalization={args.normalization!r}; allowed: 'LayerNorm', "
+    normalization = getattr(args, "normalization", "LayerNorm")  # Megatron's default
+    if normalization not in ("LayerNorm", "RMSNorm"):
+        _refuse(directory, f"--normalization={normalization!r}; allowed: 'LayerNorm', "
                            "'RMSNorm'.")
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) \
         else args.num_attention_heads
@@ -93,7 +118,7 @@ def dense_architecture(directory: Path, args) -> DenseArchitecture:
         kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
         vocab_size=args.padded_vocab_size, max_position_embeddings=args.max_position_embeddings,
         rotary_base=args.rotary_base, norm_epsilon=args.norm_epsilon,
-        normalization=args.normalization, qk_layernorm=bool(args.qk_layernorm),
+        normalization=normalization, qk_layernorm=bool(args.qk_layernorm),
         gated_linear_unit=bool(args.swiglu), activation="silu" if args.swiglu else "gelu",
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
