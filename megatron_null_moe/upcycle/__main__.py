@@ -6,8 +6,9 @@
 
 The input is a Hugging Face Qwen3 directory (--hf-model) or a dense Megatron GPT torch_dist
 checkpoint saved with any TP/PP (--megatron-checkpoint). The output is a Megatron release
-checkpoint, written all or nothing (with --save-dense, both checkpoints or neither), with ``megatron_args.txt`` (the model's launch flags, one
-a line) and ``upcycle.json`` (settings and each layer's router start) beside it.
+checkpoint, written all or nothing (with --save-dense: both checkpoints or neither), with
+``megatron_args.txt`` (the model's launch flags, one a line) and ``upcycle.json`` (settings
+and each layer's router start) beside it.
 """
 
 import argparse
