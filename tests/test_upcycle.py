@@ -426,6 +426,46 @@ def test_outputs_are_new_names_in_existing_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
 
 
+QWEN3_CONFIG = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=64,
+                    intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=128, max_position_embeddings=128,
+                    rms_norm_eps=1e-6, hidden_act="silu")
+
+
+@pytest.mark.parametrize("text,match", [
+    (json.dumps({k: v for k, v in QWEN3_CONFIG.items() if k != "intermediate_size"}),
+     r"config.json has no 'intermediate_size'; allowed: a Qwen3 config.json"),
+    (json.dumps(dict(QWEN3_CONFIG, rope_scaling=[1])),
+     r"config.json: rope_scaling \[1\]; allowed: a JSON object"),
+    ("[1, 2]", r"config.json holds a JSON list; allowed: a JSON object"),
+    ("{", r"config.json is not valid JSON"),
+    ("\udcff", r"config.json is not valid JSON"),
+])
+def test_malformed_hugging_face_config_is_refused_naming_file_and_key(tmp_path, text, match):
+    from megatron_null_moe.upcycle.huggingface import qwen3_architecture, read_config
+
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=rf"--hf-model {tmp_path}: {match}"):
+        qwen3_architecture(tmp_path, read_config(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_CONFIG))
+    assert qwen3_architecture(tmp_path, read_config(tmp_path)).ffn_hidden_size == 128
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{}", r"model.safetensors.index.json has no 'weight_map' .*got None"),
+    ('{"weight_map": []}', r"model.safetensors.index.json has no 'weight_map'"),
+    ('{"weight_map": {"a": 1}}', r"model.safetensors.index.json has no 'weight_map'"),
+    ('{"weight_map": ', r"model.safetensors.index.json is not valid JSON"),
+    ('"weight_map"', r"model.safetensors.index.json holds a JSON str"),
+])
+def test_malformed_safetensors_index_is_refused_naming_the_file(tmp_path, text, match):
+    from megatron_null_moe.upcycle.huggingface import SafetensorsReader
+
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"--hf-model {tmp_path}: {match}"):
+        SafetensorsReader(tmp_path)
+
+
 def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
