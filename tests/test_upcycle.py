@@ -360,7 +360,7 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
     _refused((*source, "--num-experts", "4", "--moe-null-expert-rho", "0.3"),
              r"--moe-null-expert-rho=0.3 with 4 experts gives M = .* not a whole number", output)
     _refused((*source, "--num-experts", "4", "--moe-layers", "3"),
-             r"--moe-layers \(3,\): allowed: layer numbers in 1..2", output)
+             r"--moe-layers '3': allowed: layer numbers in 1..2", output)
 
     moe_config = json.loads((qwen3 / "config.json").read_text())
     for changes, match in (({"model_type": "qwen3_moe", "num_experts": 8},
@@ -402,6 +402,17 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
     distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])
     _refused(("--megatron-checkpoint", dense, "--num-experts", "4"),
              r"its tensors cannot be loaded", output)
+
+
+@pytest.mark.parametrize("text", ["0", "2-5", "1,3,5", "1,3-4,9", "5,1"])
+def test_moe_layers_refusal_shows_the_layers_as_typed(text):
+    from megatron_null_moe.upcycle.__main__ import parse_layers
+    from megatron_null_moe.upcycle.convert import layers_text
+
+    assert layers_text(parse_layers(text)) == text
+    with pytest.raises(ValueError, match=rf"--moe-layers '{text}': allowed: layer numbers "
+                                         r"in 1..2 \(the dense model's layers\)"):
+        UpcycleSettings(num_experts=4, moe_layers=parse_layers(text)).moe_shape(TINY)
 
 
 def test_outputs_are_new_names_in_existing_directories(tmp_path):

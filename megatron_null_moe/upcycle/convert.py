@@ -98,8 +98,9 @@ class UpcycleSettings:
         layers = tuple(range(1, dense.num_layers + 1)) if self.moe_layers is None \
             else tuple(sorted(set(self.moe_layers)))
         if not layers or layers[0] < 1 or layers[-1] > dense.num_layers:
-            raise ValueError(f"--moe-layers {self.moe_layers}: allowed: layer numbers in "
-                             f"1..{dense.num_layers} (the dense model's layers), at least one.")
+            raise ValueError(f"--moe-layers {layers_text(self.moe_layers)!r}: allowed: layer "
+                             f"numbers in 1..{dense.num_layers} (the dense model's layers), at "
+                             "least one.")
         return MoEShape(num_experts=n, expert_ffn_hidden_size=width // g, topk=self.topk,
                         shared_expert_ffn_hidden_size=shared, null_config=null_config,
                         moe_layers=layers)
@@ -142,6 +143,20 @@ def _refuse_cut_groups(n: int, g: int, k: int, m: int, rho: float,
         f"would not start as the dense FFN; allowed: --moe-router-topk a multiple of "
         f"--granularity, with M (null copies: --moe-null-expert-rho, --moe-num-null-experts) "
         f">= K or a multiple of --granularity, or --router-init independent.")
+
+
+def layers_text(layers: Optional[Tuple[int, ...]]) -> str:
+    """--moe-layers as it is typed (parse_layers' inverse): None -> 'all', (2, 3, 4, 7) ->
+    '2-4,7', so a refusal shows the user's text rather than a tuple."""
+    if layers is None:
+        return "all"
+    runs: List[List[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 # One random stream per (seed, layer, purpose): re-initialisation, router rows and
