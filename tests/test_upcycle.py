@@ -5,8 +5,10 @@ with ``transformers`` and saved locally; nothing is downloaded.
 """
 
 import argparse
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +214,87 @@ def test_drop_upcycling_reinitialises_the_stated_share_of_each_expert(parallel_s
     assert not torch.equal(columns[0], columns[2])  # copies of a slice differ
 
 
+TINY = DenseArchitecture(num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                         num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                         vocab_size=128, max_position_embeddings=128, rotary_base=1e6,
+                         norm_epsilon=1e-6)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--granularity", "4"),  # the default top-2 at G = 4
+     r"--moe-router-topk 2 is not a multiple of --granularity 4: .* take 2 real experts"),
+    (("--granularity", "4", "--moe-null-expert-rho", "0.5"),  # M = 8
+     r"--moe-router-topk 2 is not a multiple of --granularity 4"),
+    (("--granularity", "4", "--moe-router-topk", "4", "--moe-null-expert-rho", "0.8"),
+     r"M=2 from --moe-null-expert-rho 0.8 is below --moe-router-topk 4 and not a multiple "
+     r"of --granularity 4: .* take 2 real experts"),
+    (("--granularity", "4", "--moe-router-topk", "4", "--moe-null-expert-rho", "0.8",
+      "--moe-num-null-experts", "2"), r"--moe-num-null-experts 2 is below"),
+])
+def test_grouped_router_init_refuses_a_top_k_that_cuts_a_group(argv, match):
+    """With grouped rows such a start is not the dense FFN; the message says what is allowed,
+    and --router-init independent (no such promise) takes the same setting."""
+    from megatron_null_moe.upcycle.__main__ import settings_from_args
+
+    def moe_shape(*more):
+        return settings_from_args(arguments("--hf-model", "unused", "--output", "unused",
+                                            "--num-experts", "8", *more)).moe_shape(TINY)
+
+    with pytest.raises(ValueError, match=match + r".*allowed: --moe-router-topk a multiple of "
+                                               r"--granularity.* or --router-init independent"):
+        moe_shape(*argv)
+    moe_shape(*argv, "--router-init", "independent")
+    for whole in (("--moe-router-topk", "4"), ("--moe-router-topk", "4",  # K = 4, M = 8
+                                               "--moe-null-expert-rho", "0.5")):
+        moe_shape("--granularity", "4", *whole)
+
+
+@functools.lru_cache(maxsize=None)
+def _megatron_defaults() -> dict:
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    return {action.dest: (action.option_strings, action.default) for action in parser._actions}
+
+
+@pytest.mark.parametrize("name,value", [
+    ("rotary_interleaved", True), ("use_rope_scaling", True),
+    ("rotary_seq_len_interpolation_factor", 2), ("no_rope_freq", 4),
+    ("window_size", (128, 0)), ("apply_residual_connection_post_layernorm", True),
+    ("openai_gelu", True), ("quick_geglu", True), ("qk_l2_norm", True),
+    ("attention_output_gate", True), ("softmax_type", "learnable"),
+    ("layernorm_zero_centered_gamma", True), ("glu_linear_offset", 1.0),
+    ("activation_func_clamp_value", 7.0), ("experimental_attention_variant", "dsa"),
+    ("use_mup", True),
+])
+def test_megatron_checkpoint_settings_that_change_the_function_are_refused(name, value):
+    """Each such setting of a dense checkpoint's args, at anything but Megatron-Core
+    0.19.2's default, is refused naming Megatron's flag; the default passes."""
+    from megatron_null_moe.upcycle.checkpoint import UNSUPPORTED_SETTINGS, dense_architecture
+
+    (flag, allowed), = [(f, a) for f, n, a in UNSUPPORTED_SETTINGS if n == name]
+    assert _megatron_defaults()[name] == ([flag], allowed)
+    args = checkpoint_args(TINY)
+    setattr(args, name, allowed)
+    assert dense_architecture(Path("ckpt"), args) == TINY
+    setattr(args, name, value)
+    message = f"--megatron-checkpoint ckpt: {flag}={value!r} is not supported; allowed: " \
+              f"{allowed!r}."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dense_architecture(Path("ckpt"), args)
+
+
+def test_megatron_checkpoint_without_normalization_reads_megatron_default():
+    from megatron_null_moe.upcycle.checkpoint import dense_architecture
+
+    args = checkpoint_args(TINY)
+    del args.normalization
+    assert dense_architecture(Path("ckpt"), args).normalization == "LayerNorm"
+    args.normalization = "Foo"
+    with pytest.raises(ValueError, match=r"--normalization='Foo'; allowed: 'LayerNorm'"):
+        dense_architecture(Path("ckpt"), args)
+
+
 def _checkpoint_tensors(directory: Path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -277,7 +360,7 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
     _refused((*source, "--num-experts", "4", "--moe-null-expert-rho", "0.3"),
              r"--moe-null-expert-rho=0.3 with 4 experts gives M = .* not a whole number", output)
     _refused((*source, "--num-experts", "4", "--moe-layers", "3"),
-             r"--moe-layers \(3,\): allowed: layer numbers in 1..2", output)
+             r"--moe-layers '3': allowed: layer numbers in 1..2", output)
 
     moe_config = json.loads((qwen3 / "config.json").read_text())
     for changes, match in (({"model_type": "qwen3_moe", "num_experts": 8},
@@ -321,6 +404,79 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
              r"its tensors cannot be loaded", output)
 
 
+@pytest.mark.parametrize("text", ["0", "2-5", "1,3,5", "1,3-4,9", "5,1"])
+def test_moe_layers_refusal_shows_the_layers_as_typed(text):
+    from megatron_null_moe.upcycle.__main__ import parse_layers
+    from megatron_null_moe.upcycle.convert import layers_text
+
+    assert layers_text(parse_layers(text)) == text
+    with pytest.raises(ValueError, match=rf"--moe-layers '{text}': allowed: layer numbers "
+                                         r"in 1..2 \(the dense model's layers\)"):
+        UpcycleSettings(num_experts=4, moe_layers=parse_layers(text)).moe_shape(TINY)
+
+
+def test_outputs_are_new_names_in_existing_directories(tmp_path):
+    """Checked before the read: a dangling link counts as existing, a missing parent is
+    refused (not created), for --output and --save-dense alike."""
+    from megatron_null_moe.upcycle.__main__ import refuse_existing_outputs
+
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("")
+    for flag, path, match in (
+            ("--output", tmp_path / "link", r"--output .*link exists; allowed: a path that "
+                                            r"does not exist"),
+            ("--save-dense", tmp_path / "file", r"--save-dense .*file exists"),
+            ("--output", tmp_path / "no" / "out", r"--output .*out: its parent directory "
+                                                  r".*no does not exist; allowed: a new "
+                                                  r"directory inside an existing one"),
+            ("--save-dense", tmp_path / "no" / "dense", r"--save-dense .* parent directory")):
+        paths = {"--output": tmp_path / "out", "--save-dense": tmp_path / "dense", flag: path}
+        with pytest.raises(ValueError, match=match):
+            refuse_existing_outputs(argparse.Namespace(output=paths["--output"],
+                                                       save_dense=paths["--save-dense"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
+QWEN3_CONFIG = dict(model_type="qwen3", num_hidden_layers=2, hidden_size=64,
+                    intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=128, max_position_embeddings=128,
+                    rms_norm_eps=1e-6, hidden_act="silu")
+
+
+@pytest.mark.parametrize("text,match", [
+    (json.dumps({k: v for k, v in QWEN3_CONFIG.items() if k != "intermediate_size"}),
+     r"config.json has no 'intermediate_size'; allowed: a Qwen3 config.json"),
+    (json.dumps(dict(QWEN3_CONFIG, rope_scaling=[1])),
+     r"config.json: rope_scaling \[1\]; allowed: a JSON object"),
+    ("[1, 2]", r"config.json holds a JSON list; allowed: a JSON object"),
+    ("{", r"config.json is not valid JSON"),
+    ("\udcff", r"config.json is not valid JSON"),
+])
+def test_malformed_hugging_face_config_is_refused_naming_file_and_key(tmp_path, text, match):
+    from megatron_null_moe.upcycle.huggingface import qwen3_architecture, read_config
+
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=rf"--hf-model {tmp_path}: {match}"):
+        qwen3_architecture(tmp_path, read_config(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_CONFIG))
+    assert qwen3_architecture(tmp_path, read_config(tmp_path)).ffn_hidden_size == 128
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{}", r"model.safetensors.index.json has no 'weight_map' .*got None"),
+    ('{"weight_map": []}', r"model.safetensors.index.json has no 'weight_map'"),
+    ('{"weight_map": {"a": 1}}', r"model.safetensors.index.json has no 'weight_map'"),
+    ('{"weight_map": ', r"model.safetensors.index.json is not valid JSON"),
+    ('"weight_map"', r"model.safetensors.index.json holds a JSON str"),
+])
+def test_malformed_safetensors_index_is_refused_naming_the_file(tmp_path, text, match):
+    from megatron_null_moe.upcycle.huggingface import SafetensorsReader
+
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"--hf-model {tmp_path}: {match}"):
+        SafetensorsReader(tmp_path)
+
+
 def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
@@ -332,6 +488,40 @@ def test_failed_write_leaves_nothing(parallel_state, qwen3, tmp_path, monkeypatc
     with pytest.raises(OSError, match="simulated"):
         upcycle(arguments("--hf-model", qwen3, "--output", output, "--num-experts", "4"))
     assert _nothing_written(output)
+
+
+def test_save_dense_is_written_with_the_moe_checkpoint_or_not_at_all(parallel_state, qwen3,
+                                                                     tmp_path, monkeypatch):
+    """The dense checkpoint is saved first; when the MoE save then fails, neither remains
+    (a rerun is not refused for a leftover dense directory)."""
+    from megatron.core import dist_checkpointing
+
+    save, saves = dist_checkpointing.save, []
+
+    def second_fails(*args, **kwargs):
+        saves.append(args[1])
+        if len(saves) == 2:
+            raise OSError("disk full (simulated)")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", second_fails)
+    output, dense = tmp_path / "out", tmp_path / "dense"
+    with pytest.raises(OSError, match="simulated"):
+        upcycle(arguments("--hf-model", qwen3, "--output", output, "--num-experts", "4",
+                          "--save-dense", dense))
+    assert len(saves) == 2 and ".dense.partial" in saves[0]
+    assert _nothing_written(output) and _nothing_written(dense)
+
+
+def test_save_dense_must_be_another_directory_than_output(tmp_path):
+    from megatron_null_moe.upcycle.__main__ import refuse_existing_outputs
+
+    (tmp_path / "link").symlink_to(tmp_path)
+    for dense in (tmp_path / "out", tmp_path / "link" / "out"):
+        with pytest.raises(ValueError, match=r"--save-dense .*out is --output .*out; allowed: "
+                                             r"another new directory"):
+            refuse_existing_outputs(argparse.Namespace(output=tmp_path / "out",
+                                                       save_dense=dense))
 
 
 def test_command_line_reports_start_and_refuses_with_exit_code(qwen3, tmp_path):

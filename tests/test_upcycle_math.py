@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_null_moe.routing import route_with_null_experts
+from megatron_null_moe.upcycle.convert import cut_group_counts
 from megatron_null_moe.upcycle.router_init import (
     calibrate_null_offset,
     grouped_router_weight,
@@ -159,3 +161,27 @@ def test_calibrated_offset_starts_near_rho_and_null_row_alone_does_not(
     fresh = proxy_router_inputs(norm_weight, 4096, generator)
     assert real_fraction(fresh, real_rows, null_row, copies, topk, offset) == \
         pytest.approx(rho, abs=0.03)
+
+
+@pytest.mark.parametrize("num_experts,granularity,topk,copies", [
+    (64, 4, 8, 64),  # the paper's setting: whole groups
+    (4, 2, 2, 4),    # the tests' PAPER_LIKE: whole groups
+    (8, 4, 4, 8), (8, 4, 4, 4), (8, 4, 8, 0),
+    (8, 4, 2, 8),    # K not a multiple of G: cuts
+    (8, 4, 2, 0),
+    (8, 4, 4, 2),    # M < K, not a multiple of G: cuts
+    (4, 2, 6, 3),    # K > N
+    (4, 2, 5, 1),    # K = N + M: every expert taken, whole groups
+])
+def test_cut_group_counts_are_the_counts_grouped_rows_route(num_experts, granularity, topk,
+                                                            copies):
+    """cut_group_counts (what --router-init grouped refuses on) against the routing itself:
+    tied logits per group, the null logit anywhere among them."""
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randn(4000, num_experts // granularity, generator=generator)
+    real_logits = groups.repeat_interleave(granularity, dim=1)
+    null_logit = 1.5 * torch.randn(4000, generator=generator)
+    _, routing_map, _ = route_with_null_experts(real_logits, null_logit, copies, topk)
+    counts = set(routing_map.sum(dim=-1).tolist())
+    assert {c for c in counts if c % granularity} == \
+        set(cut_group_counts(num_experts, granularity, topk, copies))

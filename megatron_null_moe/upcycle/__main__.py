@@ -6,8 +6,9 @@
 
 The input is a Hugging Face Qwen3 directory (--hf-model) or a dense Megatron GPT torch_dist
 checkpoint saved with any TP/PP (--megatron-checkpoint). The output is a Megatron release
-checkpoint, written all or nothing, with ``megatron_args.txt`` (the model's launch flags, one
-a line) and ``upcycle.json`` (settings and each layer's router start) beside it.
+checkpoint, written all or nothing (with --save-dense: both checkpoints or neither), with
+``megatron_args.txt`` (the model's launch flags, one a line) and ``upcycle.json`` (settings
+and each layer's router start) beside it.
 """
 
 import argparse
@@ -68,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-init", choices=("grouped", "independent"), default="grouped",
                         help="grouped (default): the G experts of one FFN copy share a router "
                              "row, so a token takes whole copies and the layer starts as the "
-                             "dense FFN (with 0, G, 2G, ... real experts per token); "
-                             "independent: one random row per expert.")
+                             "dense FFN (with 0, G, 2G, ... real experts per token); needs K a "
+                             "multiple of G and M >= K or M a multiple of G (refused "
+                             "otherwise); independent: one random row per expert, no such "
+                             "start.")
     parser.add_argument("--null-start", choices=("calibrated", "mean-row"),
                         default="calibrated",
                         help="calibrated (default; train with --moe-null-budget-controller): "
@@ -140,10 +143,6 @@ def upcycle(args: argparse.Namespace) -> dict:
     moe = settings.moe_shape(dense)
     moe_model = build_gpt_model(dense, moe, params_dtype=DTYPES[args.dtype])
     starts = upcycle_into(dense_model, moe_model, dense, moe, settings)
-    if args.save_dense is not None:
-        write_checkpoint(dense_model, checkpoint_args(dense), args.save_dense, [],
-                         {"megatron_args.txt": "\n".join(megatron_flags(dense)) + "\n"})
-    del dense_model  # host memory for the write
     report = {
         "source": str(args.hf_model or args.megatron_checkpoint),
         "dense": dataclasses.asdict(dense),
@@ -153,32 +152,44 @@ def upcycle(args: argparse.Namespace) -> dict:
         "router_start": [dataclasses.asdict(start) for start in starts],
         "megatron_args": megatron_flags(dense, moe),
     }
-    write_checkpoint(
-        moe_model, checkpoint_args(dense, moe, bf16=args.dtype == "bf16"), args.output,
-        [f"decoder.layers.{layer - 1}." for layer in moe.moe_layers],
-        {"megatron_args.txt": "\n".join(report["megatron_args"]) + "\n",
-         "upcycle.json": json.dumps(report, indent=1) + "\n"})
+    outputs = [("--output", args.output)]
+    outputs += [] if args.save_dense is None else [("--save-dense", args.save_dense)]
+    with checkpoint.staged_outputs(outputs) as directories:  # both or neither
+        if args.save_dense is not None:
+            save_checkpoint(dense_model, checkpoint_args(dense), directories[1], [],
+                            {"megatron_args.txt": "\n".join(megatron_flags(dense)) + "\n"})
+        del dense_model  # host memory for the MoE write
+        save_checkpoint(
+            moe_model, checkpoint_args(dense, moe, bf16=args.dtype == "bf16"), directories[0],
+            [f"decoder.layers.{layer - 1}." for layer in moe.moe_layers],
+            {"megatron_args.txt": "\n".join(report["megatron_args"]) + "\n",
+             "upcycle.json": json.dumps(report, indent=1) + "\n"})
     report["seconds"] = time.perf_counter() - started
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return report
 
 
 def refuse_existing_outputs(args: argparse.Namespace) -> None:
+    """Before the (long) read: each output must be a new name in an existing directory, and
+    --save-dense another directory than --output."""
     for flag, path in (("--output", args.output), ("--save-dense", args.save_dense)):
-        if path is not None and path.exists():
-            raise ValueError(f"{flag} {path} exists; allowed: a path that does not exist "
-                             "(nothing is overwritten).")
+        if path is not None:
+            checkpoint.refuse_existing_output(path, flag)
+    if args.save_dense is not None and args.save_dense.resolve() == args.output.resolve():
+        raise ValueError(f"--save-dense {args.save_dense} is --output {args.output}; allowed: "
+                         "another new directory (the dense and the MoE checkpoint are "
+                         "written side by side).")
 
 
-def write_checkpoint(model, saved_args, output: Path, moe_layer_prefixes,
-                     files: Dict[str, str]) -> None:
-    """Megatron release checkpoint ``output`` with text ``files`` beside it, all or nothing."""
-    def extra_files(directory: Path) -> None:
+def save_checkpoint(model, saved_args, directory: Path, moe_layer_prefixes,
+                    files: Dict[str, str]) -> None:
+    """Megatron release checkpoint in the staged ``directory``, text ``files`` beside it."""
+    def extra_files(target: Path) -> None:
         for name, text in files.items():
-            (directory / name).write_text(text)
+            (target / name).write_text(text)
 
-    checkpoint.write_release_checkpoint(model, saved_args, output, moe_layer_prefixes,
-                                        extra_files)
+    checkpoint.save_release_checkpoint(model, saved_args, directory, moe_layer_prefixes,
+                                       extra_files)
 
 
 @contextlib.contextmanager

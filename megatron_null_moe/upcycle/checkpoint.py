@@ -7,11 +7,12 @@ Megatron's own converters write one: a ``release`` directory and a tracker file 
 fresh optimizer and RNG; the keys come from the model's ``sharded_state_dict``.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -62,26 +63,51 @@ def read_args(directory: Path):
     return common["args"]
 
 
+# (Megatron flag, args name, the one value allowed): settings that change the model's
+# function and that DenseArchitecture does not carry. A name missing from older args reads
+# as allowed (Megatron-Core 0.19.2's default, where the setting exists there).
+UNSUPPORTED_SETTINGS = (
+    ("--multi-latent-attention", "multi_latent_attention", False),
+    ("--add-bias-linear", "add_bias_linear", False),
+    ("--apply-layernorm-1p", "apply_layernorm_1p", False),  # older Megatron's name
+    ("--apply-layernorm-1p", "layernorm_zero_centered_gamma", False),
+    ("--squared-relu", "squared_relu", False),
+    ("--openai-gelu", "openai_gelu", False),
+    ("--quick-geglu", "quick_geglu", False),
+    ("--glu-linear-offset", "glu_linear_offset", 0.0),
+    ("--activation-func-clamp-value", "activation_func_clamp_value", None),
+    ("--position-embedding-type", "position_embedding_type", "rope"),
+    ("--rotary-percent", "rotary_percent", 1.0),
+    ("--rotary-interleaved", "rotary_interleaved", False),
+    ("--rotary-seq-len-interpolation-factor", "rotary_seq_len_interpolation_factor", None),
+    ("--use-rope-scaling", "use_rope_scaling", False),  # --rope-scaling-factor acts only so
+    ("--no-rope-freq", "no_rope_freq", None),
+    ("--window-size", "window_size", None),  # --window-attn-skip-freq acts only with it
+    ("--apply-residual-connection-post-layernorm",
+     "apply_residual_connection_post_layernorm", False),
+    ("--qk-l2-norm", "qk_l2_norm", False),
+    ("--attention-output-gate", "attention_output_gate", False),
+    ("--softmax-type", "softmax_type", "vanilla"),
+    ("--experimental-attention-variant", "experimental_attention_variant", None),
+    ("--use-mup", "use_mup", False),
+    ("--mtp-num-layers", "mtp_num_layers", None),
+    ("--hybrid-layer-pattern", "hybrid_layer_pattern", None),
+    ("--heterogeneous-layers-config-path", "heterogeneous_layers_config_path", None),
+)
+
+
 def dense_architecture(directory: Path, args) -> DenseArchitecture:
     """DenseArchitecture of a Megatron GPT checkpoint's args; other models are refused."""
     if getattr(args, "num_experts", None):
         _refuse(directory, f"already a mixture of experts (--num-experts {args.num_experts}); "
                            "allowed: a dense GPT checkpoint.")
-    for flag, name, allowed in (
-            ("--multi-latent-attention", "multi_latent_attention", False),
-            ("--add-bias-linear", "add_bias_linear", False),
-            ("--apply-layernorm-1p", "apply_layernorm_1p", False),
-            ("--squared-relu", "squared_relu", False),
-            ("--position-embedding-type", "position_embedding_type", "rope"),
-            ("--rotary-percent", "rotary_percent", 1.0),
-            ("--mtp-num-layers", "mtp_num_layers", None),
-            ("--hybrid-layer-pattern", "hybrid_layer_pattern", None),
-            ("--heterogeneous-layers-config-path", "heterogeneous_layers_config_path", None)):
+    for flag, name, allowed in UNSUPPORTED_SETTINGS:
         value = getattr(args, name, allowed)
         if value != allowed and not (allowed is None and not value):
             _refuse(directory, f"{flag}={value!r} is not supported; allowed: {allowed!r}.")
-    if getattr(args, "normalization", "LayerNorm") not in ("LayerNorm", "RMSNorm"):
-        _refuse(directory, f"--normalization={args.normalization!r}; allowed: 'LayerNorm', "
+    normalization = getattr(args, "normalization", "LayerNorm")  # Megatron's default
+    if normalization not in ("LayerNorm", "RMSNorm"):
+        _refuse(directory, f"--normalization={normalization!r}; allowed: 'LayerNorm', "
                            "'RMSNorm'.")
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) \
         else args.num_attention_heads
@@ -92,7 +118,7 @@ def dense_architecture(directory: Path, args) -> DenseArchitecture:
         kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
         vocab_size=args.padded_vocab_size, max_position_embeddings=args.max_position_embeddings,
         rotary_base=args.rotary_base, norm_epsilon=args.norm_epsilon,
-        normalization=args.normalization, qk_layernorm=bool(args.qk_layernorm),
+        normalization=normalization, qk_layernorm=bool(args.qk_layernorm),
         gated_linear_unit=bool(args.swiglu), activation="silu" if args.swiglu else "gelu",
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
@@ -142,34 +168,67 @@ def te_aliases(sharded: Dict, moe_layer_prefixes: Iterable[str]) -> Dict:
     return aliases
 
 
-def refuse_existing_output(output: Path) -> None:
-    if output.exists():
-        raise ValueError(f"{OUTPUT_FLAG} {output} exists; allowed: a path that does not exist "
+def refuse_existing_output(output: Path, flag: str = OUTPUT_FLAG) -> None:
+    """ValueError naming ``flag`` unless ``output`` is a new name in an existing directory: an
+    existing path (a dangling link too) is never overwritten, a missing parent never made."""
+    if os.path.lexists(output):
+        raise ValueError(f"{flag} {output} exists; allowed: a path that does not exist "
                          "(nothing is overwritten).")
+    if not output.parent.is_dir():
+        raise ValueError(f"{flag} {output}: its parent directory {output.parent} does not "
+                         "exist; allowed: a new directory inside an existing one (no parent "
+                         "directory is created).")
+
+
+@contextlib.contextmanager
+def staged_outputs(outputs: Sequence[Tuple[str, Path]]) -> Iterator[List[Path]]:
+    """A hidden sibling directory for each (flag, output), renamed onto the outputs only when
+    the block completes: all or nothing, across several outputs too.
+
+    An exception removes the siblings and any output this block already renamed (a failure
+    between two renames); a killed process may leave ``.NAME.partial-PID``, never a partial
+    ``NAME``.
+    """
+    for flag, output in outputs:
+        refuse_existing_output(output, flag)
+    partials = [output.parent / f".{output.name}.partial-{os.getpid()}" for _, output in outputs]
+    renamed = []
+    try:
+        for partial in partials:
+            partial.mkdir()
+        yield partials
+        for flag, output in outputs:
+            refuse_existing_output(output, flag)
+        for partial, (_, output) in zip(partials, outputs):
+            partial.rename(output)
+            renamed.append(output)
+    except BaseException:
+        for output in renamed:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    finally:
+        for partial in partials:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def save_release_checkpoint(model: torch.nn.Module, args, directory: Path,
+                            moe_layer_prefixes: Iterable[str],
+                            extra_files: Callable[[Path], None]) -> None:
+    """Save ``model`` as a Megatron release checkpoint in the existing, empty ``directory``
+    (a staged_outputs directory); extra_files(directory) adds files beside the checkpoint."""
+    (directory / "release").mkdir()
+    sharded = _sharded_state_dict(model)
+    sharded.update(te_aliases(sharded, moe_layer_prefixes))
+    state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
+    dist_checkpointing.save(state, str(directory / "release"), content_metadata=CONTENT_METADATA)
+    (directory / TRACKER).write_text("release")
+    extra_files(directory)
 
 
 def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
                              moe_layer_prefixes: Iterable[str],
                              extra_files: Callable[[Path], None]) -> None:
-    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing.
-
-    Everything is written to a hidden sibling directory first and renamed at the end, so a
-    failed run leaves nothing at ``output`` (an exception removes the sibling; a killed
-    process may leave ``.NAME.partial-PID``, never a partial ``NAME``).
-    extra_files(directory) adds files beside the checkpoint.
-    """
-    refuse_existing_output(output)
-    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
-    try:
-        (partial / "release").mkdir(parents=True)
-        sharded = _sharded_state_dict(model)
-        sharded.update(te_aliases(sharded, moe_layer_prefixes))
-        state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
-        dist_checkpointing.save(state, str(partial / "release"),
-                                content_metadata=CONTENT_METADATA)
-        (partial / TRACKER).write_text("release")
-        extra_files(partial)
-        refuse_existing_output(output)
-        partial.rename(output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing (written to a
+    hidden sibling directory and renamed at the end: staged_outputs)."""
+    with staged_outputs([(OUTPUT_FLAG, output)]) as (directory,):
+        save_release_checkpoint(model, args, directory, moe_layer_prefixes, extra_files)

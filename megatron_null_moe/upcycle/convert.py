@@ -44,8 +44,10 @@ class UpcycleSettings:
     reinit_fraction: r (--reinit-fraction), drop-upcycling share of each expert's units.
     moe_layers: 1-based layers that become MoE (--moe-layers), None for all.
     grouped_router: the G experts of one FFN copy share a router row (--router-init
-        grouped): a token takes whole copies and the layer starts as the dense FFN, but
-        it starts with 0, G, 2G, ... real experts; independent rows (--router-init
+        grouped), so they tie and are chosen together. The layer starts as the dense FFN
+        only if a token's top-K never cuts a group (``cut_group_counts``: K a multiple of
+        G and M >= K or M a multiple of G); other settings are refused with grouped rows.
+        It starts with 0, G, 2G, ... real experts; independent rows (--router-init
         independent) route expert by expert from the start, without that guarantee.
     calibrated_null_start: write the calibrated null selection offset into the router's
         budget state (--null-start calibrated, for runs with --moe-null-budget-controller),
@@ -80,8 +82,11 @@ class UpcycleSettings:
                              f"{', ...' if width > 64 else ''}).")
         null_config = NullExpertConfig(real_fraction=self.real_fraction,
                                        num_null_copies=self.num_null_copies)
-        pool = n + null_config.null_copies_for(n)
-        _whole("--moe-router-topk", self.topk, 1, pool)
+        copies = null_config.null_copies_for(n)
+        _whole("--moe-router-topk", self.topk, 1, n + copies)
+        if self.grouped_router:
+            _refuse_cut_groups(n, g, self.topk, copies, self.real_fraction,
+                               self.num_null_copies)
         shared = self.shared_expert_ffn_hidden_size
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0 or shared % width:
             raise ValueError(f"--moe-shared-expert-intermediate-size {shared!r}: allowed: 0 (no "
@@ -93,11 +98,65 @@ class UpcycleSettings:
         layers = tuple(range(1, dense.num_layers + 1)) if self.moe_layers is None \
             else tuple(sorted(set(self.moe_layers)))
         if not layers or layers[0] < 1 or layers[-1] > dense.num_layers:
-            raise ValueError(f"--moe-layers {self.moe_layers}: allowed: layer numbers in "
-                             f"1..{dense.num_layers} (the dense model's layers), at least one.")
+            raise ValueError(f"--moe-layers {layers_text(self.moe_layers)!r}: allowed: layer "
+                             f"numbers in 1..{dense.num_layers} (the dense model's layers), at "
+                             "least one.")
         return MoEShape(num_experts=n, expert_ffn_hidden_size=width // g, topk=self.topk,
                         shared_expert_ffn_hidden_size=shared, null_config=null_config,
                         moe_layers=layers)
+
+
+def cut_group_counts(num_experts: int, granularity: int, topk: int,
+                     num_null_copies: int) -> List[int]:
+    """Real-expert counts a token's top-K can take with grouped router rows that are not
+    whole groups (empty: every token's real experts are whole groups, the dense FFN).
+
+    A group's G experts tie, and so do the M null copies; a token's top-K takes the groups
+    ranked above the null logit (any number of them, depending on the token), then up to M
+    null slots, then groups ranked below. A count that is not a multiple of G cuts a group.
+    """
+    counts = set()
+    for above in range(0, num_experts + 1, granularity):
+        real = min(topk, above)
+        nulls = min(topk - real, num_null_copies)
+        counts.add(real + min(topk - real - nulls, num_experts - above))
+    return sorted(count for count in counts if count % granularity)
+
+
+def _refuse_cut_groups(n: int, g: int, k: int, m: int, rho: float,
+                       num_null_copies: Optional[int]) -> None:
+    """ValueError when grouped router rows would let a token's top-K cut a group: such a
+    token gets part of a copy of the FFN, so the layer would not start as the dense FFN."""
+    cut = cut_group_counts(n, g, k, m)
+    if not cut:
+        return
+    source = f"--moe-num-null-experts {m}" if num_null_copies is not None \
+        else f"M={m} from --moe-null-expert-rho {rho:g}"
+    if k % g:
+        problem = f"--moe-router-topk {k} is not a multiple of --granularity {g}"
+    else:
+        problem = f"{source} is below --moe-router-topk {k} and not a multiple of " \
+                  f"--granularity {g}"
+    raise ValueError(
+        f"{problem}: with --router-init grouped a token's top-K would take "
+        f"{' or '.join(map(str, cut))} real experts, cutting a copy of the FFN, and the layer "
+        f"would not start as the dense FFN; allowed: --moe-router-topk a multiple of "
+        f"--granularity, with M (null copies: --moe-null-expert-rho, --moe-num-null-experts) "
+        f">= K or a multiple of --granularity, or --router-init independent.")
+
+
+def layers_text(layers: Optional[Tuple[int, ...]]) -> str:
+    """--moe-layers as it is typed (parse_layers' inverse): None -> 'all', (2, 3, 4, 7) ->
+    '2-4,7', so a refusal shows the user's text rather than a tuple."""
+    if layers is None:
+        return "all"
+    runs: List[List[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 # One random stream per (seed, layer, purpose): re-initialisation, router rows and

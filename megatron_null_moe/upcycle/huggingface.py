@@ -23,15 +23,29 @@ def _refuse(directory: Path, what: str) -> None:
     raise ValueError(f"{HF_FLAG} {directory}: {what}")
 
 
+def _read_json_object(directory: Path, name: str) -> dict:
+    """The JSON object in file ``name``; refused naming the file if it is not one."""
+    try:
+        value = json.loads((directory / name).read_text())
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
+        _refuse(directory, f"{name} is not valid JSON ({error}).")
+    if not isinstance(value, dict):
+        _refuse(directory, f"{name} holds a JSON {type(value).__name__}; allowed: a JSON "
+                           "object.")
+    return value
+
+
 def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
+    if not (directory / "config.json").is_file():
         _refuse(directory, "no config.json; allowed: a Hugging Face Qwen3ForCausalLM directory "
                            "(config.json and *.safetensors).")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        _refuse(directory, f"config.json is not valid JSON ({error}).")
+    return _read_json_object(directory, "config.json")
+
+
+# config.json keys a Qwen3 architecture cannot be read without (the others have defaults).
+REQUIRED_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                        "num_attention_heads", "vocab_size", "max_position_embeddings",
+                        "rms_norm_eps")
 
 
 def qwen3_architecture(directory: Path, config: dict) -> DenseArchitecture:
@@ -42,7 +56,14 @@ def qwen3_architecture(directory: Path, config: dict) -> DenseArchitecture:
                            "allowed: a dense model, model_type 'qwen3'.")
     if model_type != "qwen3":
         _refuse(directory, f"model_type {model_type!r} is not supported; allowed: 'qwen3'.")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    missing = [key for key in REQUIRED_CONFIG_KEYS if config.get(key) is None]
+    if missing:
+        _refuse(directory, f"config.json has no {', '.join(map(repr, missing))}; allowed: a "
+                           "Qwen3 config.json (as transformers saves it).")
+    rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope = config.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        _refuse(directory, f"config.json: {rope_key} {rope!r}; allowed: a JSON object.")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     for name, value, allowed in (("hidden_act", config.get("hidden_act"), "silu"),
                                  ("rope_type", rope_type, "default"),
@@ -73,9 +94,13 @@ class SafetensorsReader:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        index = "model.safetensors.index.json"
+        if (directory / index).is_file():
+            weight_map = _read_json_object(directory, index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(f, str) for f in weight_map.values()):
+                _refuse(directory, f"{index} has no 'weight_map' of tensor names to file "
+                                   f"names (got {str(weight_map)[:100]}).")
         elif (directory / "model.safetensors").is_file():
             weight_map = None
         else:

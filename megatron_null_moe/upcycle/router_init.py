@@ -3,8 +3,10 @@ null selection offset that starts the realised real fraction near rho.
 
 - Real rows: one random row per group of G experts (the G slices of one FFN copy), so a
   group's experts always have equal logits: they are selected together, with equal
-  weights, which is what makes the upcycled layer reproduce the dense FFN (see weights.py).
-  The price: routing starts in whole groups (0, G, 2G, ... real experts per token) until
+  weights, which is what makes the upcycled layer reproduce the dense FFN (see weights.py)
+  as long as a token's top-K never cuts a group (K a multiple of G, and M >= K or M a
+  multiple of G: the M null copies tie too; convert.py refuses other settings). The
+  price: routing starts in whole groups (0, G, 2G, ... real experts per token) until
   training separates the rows; one row per expert (group size 1) avoids that and gives up
   the guarantee.
 - Null row: the mean of the real rows, the null logit at the token's mean real logit (the
