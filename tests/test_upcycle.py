@@ -284,6 +284,15 @@ def test_megatron_checkpoint_settings_that_change_the_function_are_refused(name,
         dense_architecture(Path("ckpt"), args)
 
 
+def test_megatron_checkpoint_with_linear_biases_is_refused_naming_the_flag():
+    from megatron_null_moe.upcycle.checkpoint import dense_architecture
+
+    args = checkpoint_args(TINY)
+    args.add_bias_linear = True
+    with pytest.raises(ValueError, match=r"saved without --disable-bias-linear"):
+        dense_architecture(Path("ckpt"), args)
+
+
 def test_megatron_checkpoint_without_normalization_reads_megatron_default():
     from megatron_null_moe.upcycle.checkpoint import dense_architecture
 

@@ -68,7 +68,6 @@ def read_args(directory: Path):
 # as allowed (Megatron-Core 0.19.2's default, where the setting exists there).
 UNSUPPORTED_SETTINGS = (
     ("--multi-latent-attention", "multi_latent_attention", False),
-    ("--add-bias-linear", "add_bias_linear", False),
     ("--apply-layernorm-1p", "apply_layernorm_1p", False),  # older Megatron's name
     ("--apply-layernorm-1p", "layernorm_zero_centered_gamma", False),
     ("--squared-relu", "squared_relu", False),
@@ -101,6 +100,9 @@ def dense_architecture(directory: Path, args) -> DenseArchitecture:
     if getattr(args, "num_experts", None):
         _refuse(directory, f"already a mixture of experts (--num-experts {args.num_experts}); "
                            "allowed: a dense GPT checkpoint.")
+    if getattr(args, "add_bias_linear", False):  # Megatron's default, off by a flag
+        _refuse(directory, "linear biases (saved without --disable-bias-linear) are not "
+                           "supported; allowed: a checkpoint trained with --disable-bias-linear.")
     for flag, name, allowed in UNSUPPORTED_SETTINGS:
         value = getattr(args, name, allowed)
         if value != allowed and not (allowed is None and not value):
