@@ -13,9 +13,9 @@ been issued (perf_counter on the CPU, where both are the same). Per step it also
 host-device synchronisations (CUDA's sync debug mode; on the CPU the calls that would
 synchronise), GPU kernels (torch.profiler) and, on the lean path, FP8 grouped GEMMs (an FP8
 lean row whose FP8 kernel did not run is an error, not a BF16 time). The JSON is rewritten
-after every configuration, so a run that is killed keeps what it measured. Prints a table with ratios against upstream
-K4 rho=1 and K8 rho=1 and the issue's targets, and writes JSON. Ratios are the result;
-absolute times only compare within one run.
+after every configuration, so a run that is killed keeps what it measured. Prints a table
+with ratios against upstream K4 rho=1 and K8 rho=1 and the issue's targets, and writes JSON.
+Ratios are the result; absolute times only compare within one run.
 """
 
 import argparse
