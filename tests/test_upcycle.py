@@ -25,7 +25,7 @@ from megatron_null_moe.upcycle.architecture import (
     checkpoint_args,
     megatron_flags,
 )
-from megatron_null_moe.upcycle.checkpoint import write_release_checkpoint
+from megatron_null_moe.upcycle.checkpoint import save_release_checkpoint, staged_outputs
 from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into
 from megatron_null_moe.upcycle.weights import ffn_slices
 from test_pretrain import scalars
@@ -402,9 +402,10 @@ def test_bad_input_is_refused_naming_the_option_and_writes_nothing(parallel_stat
     dense_args = checkpoint_args(DenseArchitecture(**json.loads(
         (upcycled / "upcycle.json").read_text())["dense"]))
     dense_args.multi_latent_attention = True
-    write_release_checkpoint(read_dense(arguments(*source, "--output", output,
-                                                  "--num-experts", "4"))[1],
-                             dense_args, mla, [], lambda directory: None)
+    with staged_outputs([("--output", mla)]) as (directory,):
+        save_release_checkpoint(read_dense(arguments(*source, "--output", output,
+                                                     "--num-experts", "4"))[1],
+                                dense_args, directory, [], {})
     _refused(("--megatron-checkpoint", mla, "--num-experts", "4"),
              r"--multi-latent-attention=True is not supported; allowed: False", output)
     distcp = next((dense / "release").glob("*.distcp"))

@@ -19,7 +19,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -156,10 +156,11 @@ def upcycle(args: argparse.Namespace) -> dict:
     outputs += [] if args.save_dense is None else [("--save-dense", args.save_dense)]
     with checkpoint.staged_outputs(outputs) as directories:  # both or neither
         if args.save_dense is not None:
-            save_checkpoint(dense_model, checkpoint_args(dense), directories[1], [],
-                            {"megatron_args.txt": "\n".join(megatron_flags(dense)) + "\n"})
+            checkpoint.save_release_checkpoint(
+                dense_model, checkpoint_args(dense), directories[1], [],
+                {"megatron_args.txt": "\n".join(megatron_flags(dense)) + "\n"})
         del dense_model  # host memory for the MoE write
-        save_checkpoint(
+        checkpoint.save_release_checkpoint(
             moe_model, checkpoint_args(dense, moe, bf16=args.dtype == "bf16"), directories[0],
             [f"decoder.layers.{layer - 1}." for layer in moe.moe_layers],
             {"megatron_args.txt": "\n".join(report["megatron_args"]) + "\n",
@@ -179,17 +180,6 @@ def refuse_existing_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--save-dense {args.save_dense} is --output {args.output}; allowed: "
                          "another new directory (the dense and the MoE checkpoint are "
                          "written side by side).")
-
-
-def save_checkpoint(model, saved_args, directory: Path, moe_layer_prefixes,
-                    files: Dict[str, str]) -> None:
-    """Megatron release checkpoint in the staged ``directory``, text ``files`` beside it."""
-    def extra_files(target: Path) -> None:
-        for name, text in files.items():
-            (target / name).write_text(text)
-
-    checkpoint.save_release_checkpoint(model, saved_args, directory, moe_layer_prefixes,
-                                       extra_files)
 
 
 @contextlib.contextmanager

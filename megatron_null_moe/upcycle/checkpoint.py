@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -215,22 +215,14 @@ def staged_outputs(outputs: Sequence[Tuple[str, Path]]) -> Iterator[List[Path]]:
 
 def save_release_checkpoint(model: torch.nn.Module, args, directory: Path,
                             moe_layer_prefixes: Iterable[str],
-                            extra_files: Callable[[Path], None]) -> None:
+                            files: Dict[str, str]) -> None:
     """Save ``model`` as a Megatron release checkpoint in the existing, empty ``directory``
-    (a staged_outputs directory); extra_files(directory) adds files beside the checkpoint."""
+    (a staged_outputs directory), with the text ``files`` (name -> text) beside it."""
     (directory / "release").mkdir()
     sharded = _sharded_state_dict(model)
     sharded.update(te_aliases(sharded, moe_layer_prefixes))
     state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
     dist_checkpointing.save(state, str(directory / "release"), content_metadata=CONTENT_METADATA)
     (directory / TRACKER).write_text("release")
-    extra_files(directory)
-
-
-def write_release_checkpoint(model: torch.nn.Module, args, output: Path,
-                             moe_layer_prefixes: Iterable[str],
-                             extra_files: Callable[[Path], None]) -> None:
-    """Write ``model`` as Megatron release checkpoint ``output``, all or nothing (written to a
-    hidden sibling directory and renamed at the end: staged_outputs)."""
-    with staged_outputs([(OUTPUT_FLAG, output)]) as (directory,):
-        save_release_checkpoint(model, args, directory, moe_layer_prefixes, extra_files)
+    for name, text in files.items():
+        (directory / name).write_text(text)
