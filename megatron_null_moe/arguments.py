@@ -94,9 +94,15 @@ def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
                                  action.help)
 
 
+def expert_path_of(args) -> str:
+    """The expert path ``args`` name ('megatron' unless given; also for the args of a
+    checkpoint saved without the plugin)."""
+    return getattr(args, "moe_null_expert_path", None) or "megatron"
+
+
 def null_expert_path_from_args(args: argparse.Namespace) -> str:
-    """The expert path ``--moe-null-expert-path`` asks for ('megatron' unless given)."""
-    path = getattr(args, "moe_null_expert_path", None) or "megatron"
+    """The expert path ``--moe-null-expert-path`` asks for, checked against the other flags."""
+    path = expert_path_of(args)
     if path != "megatron" and getattr(args, "moe_null_expert_rho", None) is None:
         raise ValueError(
             f"{EXPERT_PATH_FLAG} {path} needs {RHO_FLAG} (give {RHO_FLAG} 1 for the {path} "

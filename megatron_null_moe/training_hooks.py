@@ -29,6 +29,7 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_null_moe.arguments import expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
@@ -136,11 +137,10 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
     rho = null_config.pool_real_fraction(num_experts)
     holder = (f"budget controller on (rate {null_config.budget_control_rate:g})"
               if null_config.budget_control_rate is not None else "budget controller off")
-    path = getattr(args, "moe_null_expert_path", None) or "megatron"
     return (f"null experts: N={num_experts} real + M={null_config.null_copies_for(num_experts)} "
             f"null copies, top-{topk}; target real fraction {rho:.4g} ({rho * topk:.4g} real "
             f"experts per token on average, each token between {fewest} and {most}); {holder}; "
-            f"expert path {path}.")
+            f"expert path {expert_path_of(args)}.")
 
 
 def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
@@ -270,8 +270,7 @@ def refuse_optimizer_state_across_expert_paths(checkpoint_args, args, release: b
     two expert paths hold the experts in different parameters (one stacked tensor per linear
     vs one per expert), so that state would load into the wrong places or not at all. The
     model weights (and the non-distributed optimizer's state, tested) carry across."""
-    saved = getattr(checkpoint_args, "moe_null_expert_path", None) or "megatron"
-    wanted = getattr(args, "moe_null_expert_path", None) or "megatron"
+    saved, wanted = expert_path_of(checkpoint_args), expert_path_of(args)
     loads_optimizer = not (release or args.finetune or args.no_load_optim
                            or getattr(checkpoint_args, "no_save_optim", False))
     if saved != wanted and loads_optimizer and args.use_distributed_optimizer:
