@@ -68,6 +68,12 @@ class AllToAllTraffic:
         for index, count in enumerate(counts):
             totals[index] += count
 
+    def add(self, other: "AllToAllTraffic") -> None:
+        """Add ``other``'s bytes to these."""
+        for phase, totals in other.bytes_by_phase.items():
+            mine = self.bytes_by_phase[phase]
+            mine[:] = [a + b for a, b in zip(mine, totals)]
+
     def reset(self) -> None:
         for totals in self.bytes_by_phase.values():
             totals[:] = [0, 0, 0]
@@ -99,23 +105,36 @@ def alltoall_traffic(model: torch.nn.Module) -> Dict[int, AllToAllTraffic]:
     return counters
 
 
+TRAFFIC_COLUMNS = ("dispatch_sent", "dispatch_received", "sent", "received")
+"""What collect_alltoall_traffic reduces per rank: the forward dispatch's bytes to and from
+other ranks (a rank's own tokens' real assignments out, its experts' load in), and all four
+phases'. Over a training step all four send what they receive: combine and the backward
+mirror the dispatch."""
+
+
+def rank_traffic(traffic: AllToAllTraffic) -> List[int]:
+    """This rank's TRAFFIC_COLUMNS."""
+    dispatch = traffic.bytes_by_phase["dispatch"]
+    return [dispatch[0], dispatch[1], traffic.sent, traffic.received]
+
+
 def collect_alltoall_traffic(counters: Dict[int, AllToAllTraffic], num_layers: int,
                              group=None) -> torch.Tensor:
-    """[layers, 5] float64 on the host over the ranks of ``group`` (default: all), the
-    counters reset. Row l is global layer l+1; columns: max over ranks of bytes sent, of
-    bytes received, sum over ranks of bytes sent, of bytes received, and the number of ranks
-    that hold the layer (the sums over it are the means).
+    """[layers, 9] float64 on the host over the ranks of ``group`` (default: all). Row l is
+    global layer l+1; columns 0-3: the maxima over ranks of TRAFFIC_COLUMNS, 4-7: their sums,
+    8: the number of ranks that hold the layer (sums / ranks = means over them).
 
-    Two all-reduces of [layers, 2] numbers (max, then sum); float64 holds the counts exactly.
+    Two all-reduces of [layers, 4] and [layers, 5] numbers (max, sum); float64 holds the
+    counts exactly.
     """
     device = torch.device("cuda", torch.cuda.current_device()) \
         if torch.cuda.is_available() else torch.device("cpu")
-    maxima = torch.zeros(num_layers, 2, dtype=torch.float64)
-    sums = torch.zeros(num_layers, 3, dtype=torch.float64)
+    maxima = torch.zeros(num_layers, 4, dtype=torch.float64)
+    sums = torch.zeros(num_layers, 5, dtype=torch.float64)
     for layer, traffic in counters.items():
-        maxima[layer - 1] = torch.tensor([traffic.sent, traffic.received], dtype=torch.float64)
-        sums[layer - 1] = torch.tensor([traffic.sent, traffic.received, 1], dtype=torch.float64)
-        traffic.reset()
+        values = rank_traffic(traffic)
+        maxima[layer - 1] = torch.tensor(values, dtype=torch.float64)
+        sums[layer - 1] = torch.tensor(values + [1], dtype=torch.float64)
     maxima, sums = maxima.to(device), sums.to(device)
     torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
     torch.distributed.all_reduce(sums, group=group)

@@ -64,10 +64,12 @@ def test_counts_equal_the_real_assignments_crossing_ranks_under_ep4():
             else:
                 assert sum(result["rows_to"]) < result["slots"]
         assert sum(r["sent"] for r in case) == sum(r["received"] for r in case)
+        # Over a step every rank sends what it receives: combine and backward mirror dispatch.
+        assert all(r["sent"] == r["received"] for r in case)
         # Collected over the ranks: maxima, sums and the number of ranks holding the layer.
+        per_rank = [[r["by_phase"]["dispatch"][0], r["by_phase"]["dispatch"][1], r["sent"],
+                     r["received"]] for r in case]
         collected = case[0]["collected"]
         assert all(r["collected"] == collected for r in case)
-        assert collected == [max(r["sent"] for r in case), max(r["received"] for r in case),
-                             sum(r["sent"] for r in case), sum(r["received"] for r in case),
-                             world]
-        assert all(r["after_collect"] == 0 for r in case)
+        assert collected == [max(column) for column in zip(*per_rank)] + \
+            [sum(column) for column in zip(*per_rank)] + [world]

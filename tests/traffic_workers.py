@@ -73,7 +73,6 @@ def layer_traffic(rank, world_size, cases, tokens_per_rank=24, hidden=16):
                 "slots": tokens_per_rank * config.moe_router_topk,
             }
             result["collected"] = collect_alltoall_traffic(counters, num_layers=1)[0].tolist()
-            result["after_collect"] = traffic.sent + traffic.received + traffic.kept
             results.append(result)
         return results
     finally:
