@@ -1,10 +1,13 @@
 """All-to-all traffic: the dispatchers count exactly the real assignments that cross ranks."""
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
 from megatron_null_moe.cpu_ranks import run_on_ranks
-from megatron_null_moe.traffic import PHASES, AllToAllTraffic, alltoall_bytes
+from megatron_null_moe.traffic import AllToAllTraffic, alltoall_bytes
 from traffic_workers import layer_traffic
 
 PROBS_BYTES = 4  # routing weights cross the dispatch all-to-all in fp32
@@ -73,3 +76,19 @@ def test_counts_equal_the_real_assignments_crossing_ranks_under_ep4():
         assert all(r["collected"] == collected for r in case)
         assert collected == [max(column) for column in zip(*per_rank)] + \
             [sum(column) for column in zip(*per_rank)] + [world]
+
+
+@pytest.mark.world_size(2)
+def test_traffic_table_script_runs_and_agrees_with_the_counters(tmp_path, monkeypatch):
+    # Imported by name (the spawned ranks import it too; they inherit sys.path).
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    benchmark = importlib.import_module("alltoall_traffic")
+    rows = benchmark.main(["--world", "2", "--ep", "2", "--experts", "8", "--hidden", "16",
+                           "--ffn", "8", "--tokens", "32", "--budget-steps", "2", "--steps", "2",
+                           "--output", str(tmp_path / "traffic.json")])
+    by_config = {row["config"]: row for row in rows}
+    assert by_config["plugin K8 rho=0.5"]["counters_agree"] is True
+    upstream = by_config["upstream K8 rho=1"]
+    assert upstream["real_fraction"] == 1.0 and upstream["sent_vs_upstream_K8"] == 1.0
+    # 8 experts, top-8: every token sends one row to each expert, half of them to the other rank.
+    assert upstream["dispatch_sent_max"] == 32 * 4 * (16 * 2 + 4)

@@ -68,7 +68,8 @@ def layer_traffic(rank, world_size, cases, tokens_per_rank=24, hidden=16):
             result = {
                 "by_phase": {phase: list(traffic.bytes_by_phase[phase]) for phase in PHASES},
                 "sent": traffic.sent, "received": traffic.received, "kept": traffic.kept,
-                "wire": calls, "rows_to": rows_to.tolist(), "rows_from": rows_from[:, rank].tolist(),
+                "wire": calls, "rows_to": rows_to.tolist(),
+                "rows_from": rows_from[:, rank].tolist(),
                 "hidden_bytes": hidden * torch.finfo(dtype).bits // 8,
                 "slots": tokens_per_rank * config.moe_router_topk,
             }
