@@ -1,7 +1,7 @@
 """Scale model: expert GEMM FLOPs, all-to-all bytes and their time per GPU and step for a
 Qwen3-30B-A3B-shaped MoE at EP 8-64, upstream K8 / K4 against null experts' K8 rho = 0.5.
 
-    python benchmarks/scale_model.py measure   # CPU (~10 min on 2 cores): routing statistics
+    python benchmarks/scale_model.py measure   # CPU (~7 min on 2 cores): routing statistics
     python benchmarks/scale_model.py model     # the tables of docs/scale_model.md
 
 ``measure`` trains the demo's small GPT (megatron_null_moe/demo: 2 MoE layers, hidden 64,
