@@ -6,8 +6,9 @@ Qwen3-30B-A3B-shaped MoE at EP 8-64, upstream K8 / K4 against null experts' K8 r
 
 ``measure`` trains the demo's small GPT (megatron_null_moe/demo: 2 MoE layers, hidden 64,
 here 128 experts as Qwen3-30B-A3B has) for each configuration, K8 and K4 at rho = 1 and K8 at
-rho = 0.5 with the budget controller, then routes fresh batches forward only as 64
-expert-parallel ranks of ~4,096 tokens each would. For each layer it counts the real
+rho = 0.5 with the budget controller (its null offset then set to hold rho on fresh tokens:
+hold_budget), then routes fresh batches forward only as 64 expert-parallel ranks of ~4,096
+tokens each would. For each layer it counts the real
 assignments from every rank's tokens to every expert, and reduces them for EP 8, 16, 32 and
 64 (the first EP ranks, experts split evenly in order, 8 GPUs per node) to per-rank loads:
 rows each rank's experts compute, rows sent to and received from other ranks over NVLink
