@@ -15,6 +15,7 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 
 from megatron_null_moe.process_groups import is_rank_zero
+from megatron_null_moe.traffic import AllToAllTraffic
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ def mask_unrouted_slots(token_indices_TK: torch.Tensor, routing_map_TE: torch.Te
 class NullAwareAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """Alltoall dispatcher whose dropless output size is the number of real assignments."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alltoall_traffic = AllToAllTraffic()  # bytes over the EP group, see traffic.py
+
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         if self.config.moe_router_padding_for_quantization:
             # Upstream pads the routing map in place; the router's map must stay untouched.
@@ -48,6 +53,20 @@ class NullAwareAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.num_out_tokens = routing_map.sum()
             self._maybe_update_cuda_sync_point("before_permutation_1")
         return tokens_per_expert
+
+    def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
+        tokens, probs = super().token_dispatch(permutated_local_input_tokens, permuted_probs)
+        if self.ep_size > 1:  # the split sizes are on the host from here on
+            self.alltoall_traffic.record("dispatch", self.input_splits, self.output_splits,
+                                         self.ep_rank, (tokens, probs))
+        return tokens, probs
+
+    def token_combine(self, hidden_states, *args, **kwargs):
+        output = super().token_combine(hidden_states, *args, **kwargs)
+        if self.ep_size > 1:
+            self.alltoall_traffic.record("combine", self.output_splits, self.input_splits,
+                                         self.ep_rank, (output,))
+        return output
 
 
 class NullAwareFlexTokenDispatcher(MoEFlexTokenDispatcher):

@@ -12,7 +12,9 @@ Megatron-LM ``pretrain_gpt.py`` both enter it):
 - ``num_floating_point_operations``: Megatron counts K routed experts per token; with null
   experts the computed count is measured, so FLOPs (and TFLOP/s, MFU) use the measured mean.
 - ``training_log``: adds the null statistics to the losses Megatron prints and sends to
-  TensorBoard, and writes per-layer scalars at each log interval.
+  TensorBoard, and writes per-layer scalars at each log interval; under expert parallelism
+  with the alltoall dispatcher it also prints the all-to-all bytes per rank, layer and step
+  (traffic.py: counted on the host, collected over all ranks once per log interval).
 - ``checkpointing._load_base_checkpoint``: refuses to load the distributed optimizer's state
   saved on the other expert path (``--moe-null-expert-path``).
 
@@ -34,6 +36,12 @@ from megatron_null_moe.budget import budget_controlled, update_null_budgets
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
 from megatron_null_moe.process_groups import free_port, is_rank_zero
+from megatron_null_moe.traffic import (
+    TRAFFIC_COLUMNS,
+    AllToAllTraffic,
+    alltoall_traffic,
+    collect_alltoall_traffic,
+)
 
 
 def _print_rank_0(message: str) -> None:
@@ -51,6 +59,11 @@ class NullExpertMonitor:
         self._routers: Dict[int, torch.nn.Module] = {}
         self._iteration = None
         self.counters = None  # [layers, K+5] on the host, see collect_layer_counters
+        self._dispatcher_traffic: Dict[int, AllToAllTraffic] = {}  # the layers' counters
+        self._interval_traffic: Dict[int, AllToAllTraffic] = {}  # training steps since a log
+        self._interval_steps = 0
+        self.traffic = None  # [layers, 9] bytes per step, see collect_alltoall_traffic
+        self.traffic_steps = 0  # the training steps self.traffic averages over
 
     def configure(self, args) -> Optional[NullExpertConfig]:
         """After Megatron parsed ``args``: check the null-expert flags, say at start-up what
@@ -79,6 +92,12 @@ class NullExpertMonitor:
         for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
             for _, router in null_expert_routers(chunk):
                 self._routers.setdefault(id(router), router)
+            self._dispatcher_traffic.update(alltoall_traffic(chunk))
+
+    def start_of_step(self) -> None:
+        """Forget the all-to-all traffic since the last step (evaluation's)."""
+        for traffic in self._dispatcher_traffic.values():
+            traffic.reset()
 
     @property
     def routers(self):
@@ -96,6 +115,21 @@ class NullExpertMonitor:
         self._iteration = args.curr_iteration
         if self.controlled:
             update_null_budgets(self.routers, self.layer_statistics(args))
+        if args.expert_model_parallel_size > 1 and args.moe_token_dispatcher_type == "alltoall":
+            self._add_step_traffic(args, num_layers)
+
+    def _add_step_traffic(self, args, num_layers: int) -> None:
+        """Add this step's all-to-all bytes; at a log iteration, collect them over all ranks."""
+        for layer, traffic in self._dispatcher_traffic.items():
+            self._interval_traffic.setdefault(layer, AllToAllTraffic()).add(traffic)
+            traffic.reset()
+        self._interval_steps += 1
+        if (args.curr_iteration + 1) % args.log_interval == 0:
+            self.traffic = collect_alltoall_traffic(self._interval_traffic, num_layers)
+            self.traffic[:, :8] /= self._interval_steps
+            self.traffic_steps, self._interval_steps = self._interval_steps, 0
+            for traffic in self._interval_traffic.values():
+                traffic.reset()
 
     def _target(self, args) -> float:
         return (self.expected_real_experts or args.moe_router_topk) / args.moe_router_topk
@@ -180,8 +214,9 @@ def null_expert_train_step(original, monitor: NullExpertMonitor):
     signature = inspect.signature(original)
 
     def train_step(*args, **kwargs):
-        result = original(*args, **kwargs)
         monitor.watch(signature.bind(*args, **kwargs).arguments["model"])
+        monitor.start_of_step()
+        result = original(*args, **kwargs)
         from megatron.training import get_args
 
         monitor.end_of_step(get_args())
@@ -241,6 +276,36 @@ def log_line_values(monitor: NullExpertMonitor, args) -> Dict[str, float]:
     return values
 
 
+def traffic_summary(traffic: torch.Tensor, iteration: int, steps: int) -> Optional[str]:
+    """One line: the all-to-all bytes per rank, MoE layer and step over the last ``steps``,
+    mean over the ranks and the busiest rank (None when no rank holds a counting layer)."""
+    per_layer = traffic[traffic[:, 8] > 0]
+    if not len(per_layer):
+        return None
+    means = (per_layer[:, 4:8] / per_layer[:, 8:9]).mean(dim=0).tolist()
+    maxima = per_layer[:, :4].mean(dim=0).tolist()
+    mb = [f"{mean / 1e6:.4g} MB (busiest rank {most / 1e6:.4g})"
+          for mean, most in zip(means, maxima)]
+    return (f"all-to-all per rank, MoE layer and step, to and from other ranks (iterations "
+            f"{iteration - steps + 1}-{iteration}, mean over {len(per_layer)} layers): "
+            f"dispatch sends {mb[0]}, receives {mb[1]}; dispatch and combine, forward and "
+            f"backward send {mb[2]}, receive {mb[3]}")
+
+
+def traffic_scalars(traffic: torch.Tensor) -> Dict[int, Dict[str, float]]:
+    """Per MoE layer (1-based): its all-to-all TensorBoard scalars, bytes per rank and step
+    (``alltoall_{column}_bytes_{max,mean}`` for each of TRAFFIC_COLUMNS)."""
+    scalars = {}
+    for index, row in enumerate(traffic.tolist()):
+        ranks = row[8]
+        if ranks:
+            scalars[index + 1] = {}
+            for column, name in enumerate(TRAFFIC_COLUMNS):
+                scalars[index + 1][f"alltoall_{name}_bytes_max"] = row[column]
+                scalars[index + 1][f"alltoall_{name}_bytes_mean"] = row[4 + column] / ranks
+    return scalars
+
+
 def null_expert_training_log(original, monitor: NullExpertMonitor):
     """Megatron's training_log with the null statistics among the logged losses."""
 
@@ -260,6 +325,14 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
             for layer, scalars in layer_scalars(monitor, args).items():
                 for name, value in scalars.items():
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
+        traffic = monitor.traffic
+        summary = traffic_summary(traffic, iteration, monitor.traffic_steps) \
+            if traffic is not None and iteration % args.log_interval == 0 and values else None
+        if summary:
+            _print_rank_0(summary)
+        for layer, scalars in (traffic_scalars(traffic).items() if summary and writer else ()):
+            for name, value in scalars.items():
+                writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         return report
 
     return training_log

@@ -95,8 +95,19 @@ def test_single_process_trains_saves_and_resumes_exactly(tmp_path):
 
 @pytest.mark.world_size(2)
 def test_expert_parallel_two_ranks_trains_saves_and_resumes_exactly(tmp_path):
-    _resume_equals_uninterrupted(tmp_path, 2, "--expert-model-parallel-size", "2",
-                                 "--distributed-backend", "gloo")
+    tensorboard = _resume_equals_uninterrupted(tmp_path, 2, "--expert-model-parallel-size", "2",
+                                               "--distributed-backend", "gloo")
+    # All-to-all bytes per rank and step (log interval 1): in the dispatch one rank receives
+    # what the other sends; the busier rank is at least the mean.
+    assert "all-to-all per rank, MoE layer and step" in (tmp_path / "straight" / "output.txt"
+                                                         ).read_text()
+    for layer in ("01", "02"):
+        sent, received = (tensorboard[f"null_moe/alltoall_dispatch_{direction}_bytes_mean_layer_"
+                                      f"{layer}"] for direction in ("sent", "received"))
+        assert sent == received and sorted(sent) == list(range(1, 7)) and min(sent.values()) > 0
+        most = tensorboard[f"null_moe/alltoall_dispatch_sent_bytes_max_layer_{layer}"]
+        assert all(most[step] >= value for step, value in sent.items())
+        assert tensorboard[f"null_moe/alltoall_sent_bytes_mean_layer_{layer}"][1] > sent[1]
 
 
 def test_real_fraction_tracks_target(tmp_path):

@@ -141,6 +141,16 @@ def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel
     A pure function of (setup, seed): the host generator and Megatron's RNG tracker are
     seeded here, so the result does not depend on which runs came before in the process.
     """
+    gpt, result = train_model(setup, seed, steps, model_shape, device, on_step, log_writer)
+    _evaluate(gpt, result, model_shape, device, eval_samples, seed)
+    set_token_types(gpt, None, num_types=1)
+    return result
+
+
+def train_model(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel,
+                device: torch.device, on_step: Optional[Callable[[], None]] = None,
+                log_writer=None):
+    """train_run's training alone: (the trained GPTModel, its RunResult without evaluation)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
@@ -198,9 +208,7 @@ def train_run(setup: RoutingSetup, seed: int, steps: int, model_shape: DemoModel
                                           bias, step)
         if on_step is not None:
             on_step()
-    _evaluate(gpt, result, model_shape, device, eval_samples, seed)
-    set_token_types(gpt, None, num_types=1)
-    return result
+    return gpt, result
 
 
 def _selection_bias(router) -> float:

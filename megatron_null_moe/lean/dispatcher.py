@@ -30,6 +30,7 @@ from megatron_null_moe.lean.permute import (
     slot_experts,
     sort_assignments,
 )
+from megatron_null_moe.traffic import AllToAllTraffic
 
 
 class LeanTokenDispatcher(MoETokenDispatcher):
@@ -55,6 +56,7 @@ class LeanTokenDispatcher(MoETokenDispatcher):
         self.output_splits: Optional[List[int]] = None
         self.received_counts_EL: Optional[torch.Tensor] = None
         self.local_order: Optional[torch.Tensor] = None
+        self.alltoall_traffic = AllToAllTraffic()  # bytes over the EP group, see traffic.py
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor):
@@ -96,8 +98,11 @@ class LeanTokenDispatcher(MoETokenDispatcher):
         """All-to-all of the real rows over the EP group (nothing to do with EP = 1)."""
         if self.ep_size == 1:
             return hidden_states, probs
-        return (all_to_all(self.ep_group, hidden_states, self.output_splits, self.input_splits),
-                all_to_all(self.ep_group, probs, self.output_splits, self.input_splits))
+        received = (all_to_all(self.ep_group, hidden_states, self.output_splits, self.input_splits),
+                    all_to_all(self.ep_group, probs, self.output_splits, self.input_splits))
+        self.alltoall_traffic.record("dispatch", self.input_splits, self.output_splits,
+                                     self.ep_rank, received)
+        return received
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """(tokens sorted by local expert, tokens per local expert [L] on the device, probs)."""
@@ -118,7 +123,10 @@ class LeanTokenDispatcher(MoETokenDispatcher):
         """All-to-all back to the ranks the rows came from (nothing to do with EP = 1)."""
         if self.ep_size == 1:
             return hidden_states
-        return all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
+        output = all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
+        self.alltoall_traffic.record("combine", self.output_splits, self.input_splits,
+                                     self.ep_rank, (output,))
+        return output
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[S, B, H]: each token's sum of its real experts' (already weighted) outputs."""

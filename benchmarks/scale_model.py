@@ -1,0 +1,393 @@
+"""Scale model: expert GEMM FLOPs, all-to-all bytes and their time per GPU and step for a
+Qwen3-30B-A3B-shaped MoE at EP 8-64, upstream K8 / K4 against null experts' K8 rho = 0.5.
+
+    python benchmarks/scale_model.py measure   # CPU (~7 min on 2 cores): routing statistics
+    python benchmarks/scale_model.py model     # the tables of docs/scale_model.md
+
+``measure`` trains the demo's small GPT (megatron_null_moe/demo: 2 MoE layers, hidden 64,
+here 128 experts as Qwen3-30B-A3B has) for each configuration, K8 and K4 at rho = 1 and K8 at
+rho = 0.5 with the budget controller (its null offset then set to hold rho on fresh tokens:
+hold_budget), then routes fresh batches forward only as 64 expert-parallel ranks of ~4,096
+tokens each would. For each layer it counts the real
+assignments from every rank's tokens to every expert, and reduces them for EP 8, 16, 32 and
+64 (the first EP ranks, experts split evenly in order, 8 GPUs per node) to per-rank loads:
+rows each rank's experts compute, rows sent to and received from other ranks over NVLink
+(same node) and InfiniBand (other nodes), mean and busiest rank, per token of a rank. Written
+to --statistics (JSON, committed as docs/scale_model_measured.json).
+
+``model`` scales those per-token loads to the model's shape and assumed hardware (flags; all
+marked assumed in the output) and prints Markdown: per GPU and step (one micro-batch of
+--tokens per GPU through every MoE layer, forward and backward) the expert GEMM FLOPs, the
+all-to-all bytes and the time of both for the mean rank and the slowest one (each MoE layer's
+all-to-all waits for the slowest rank, so the slowest one sets the step).
+
+Legend: R ranks, N experts, E expert-parallel size, T tokens per rank, H hidden, F expert FFN.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EP_SIZES = (8, 16, 32, 64)
+CONFIGS = {  # name: (demo configuration, topk, rho)
+    "upstream K8 rho=1": ("K8_1.0", 8, 1.0),
+    "upstream K4 rho=1": ("K4_1.0", 4, 1.0),
+    "null K8 rho=0.5": ("K8_0.5+budget", 8, 0.5),
+}
+STATISTICS = Path(__file__).parent.parent / "docs" / "scale_model_measured.json"
+# Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): config.json / transformers' Qwen3MoeConfig.
+QWEN3_30B_A3B = dict(hidden=2048, expert_ffn=768, layers=48, experts=128, topk=8)
+
+
+# ---- measured: per-rank loads from assignment counts (pure functions) -------------------
+
+def rank_loads(counts_RN: torch.Tensor, ep: int, gpus_per_node: int) -> dict:
+    """Per-rank rows of one MoE layer under EP = ``ep`` (first ``ep`` ranks of counts_RN).
+
+    counts_RN: int [R, N], real assignments from rank r's tokens to expert n. Experts are
+    split evenly in order (rank j holds experts j*N/ep ... ), ranks fill nodes in order.
+    Returns int [ep] tensors: expert_rows (rows a rank's experts compute), sent / received
+    over NVLink (other ranks, same node) and over InfiniBand (other nodes), real (assignments
+    of the rank's own tokens).
+    """
+    num_experts = counts_RN.shape[1]
+    if num_experts % ep:
+        raise ValueError(f"EP {ep} does not divide the {num_experts} experts")
+    to_rank_EE = counts_RN[:ep].reshape(ep, ep, num_experts // ep).sum(dim=-1)  # [from, to]
+    node = torch.arange(ep) // gpus_per_node
+    other_node = node[:, None] != node[None, :]
+    same_node_other_rank = ~other_node & ~torch.eye(ep, dtype=torch.bool)
+    return {
+        "expert_rows": to_rank_EE.sum(dim=0),
+        "nvlink_sent": (to_rank_EE * same_node_other_rank).sum(dim=1),
+        "nvlink_received": (to_rank_EE * same_node_other_rank).sum(dim=0),
+        "infiniband_sent": (to_rank_EE * other_node).sum(dim=1),
+        "infiniband_received": (to_rank_EE * other_node).sum(dim=0),
+        "real": counts_RN[:ep].sum(dim=1),
+    }
+
+
+def load_statistics(loads: dict, tokens_per_rank: int, topk: int) -> dict:
+    """Per token of a rank: mean and busiest rank of the computed rows, of each link's rows
+    (a rank's larger direction: an all-to-all phase lasts until every rank has sent and
+    received), of the rows a rank exchanges with other ranks (sent + received); and the
+    spread of the ranks' real fractions."""
+    per_token = {name: values.double() / tokens_per_rank for name, values in loads.items()}
+    link = {name: torch.maximum(per_token[f"{name}_sent"], per_token[f"{name}_received"])
+            for name in ("nvlink", "infiniband")}
+    exchanged = sum(per_token[f"{link}_{direction}"] for link in ("nvlink", "infiniband")
+                    for direction in ("sent", "received"))
+    real_fraction = per_token["real"] / topk
+    return {
+        "expert_rows_mean": float(per_token["expert_rows"].mean()),
+        "expert_rows_max": float(per_token["expert_rows"].max()),
+        "nvlink_rows_mean": float(link["nvlink"].mean()),
+        "nvlink_rows_max": float(link["nvlink"].max()),
+        "infiniband_rows_mean": float(link["infiniband"].mean()),
+        "infiniband_rows_max": float(link["infiniband"].max()),
+        "exchanged_rows_mean": float(exchanged.mean()),
+        "exchanged_rows_max": float(exchanged.max()),
+        "rank_real_fraction_min": float(real_fraction.min()),
+        "rank_real_fraction_max": float(real_fraction.max()),
+    }
+
+
+def expert_imbalance(counts_RN: torch.Tensor) -> float:
+    """Busiest expert's load over the mean expert's, all ranks' tokens together."""
+    load_N = counts_RN.sum(dim=0).double()
+    return float(load_N.max() / load_N.mean())
+
+
+def mean_of(dicts: list) -> dict:
+    return {key: sum(d[key] for d in dicts) / len(dicts) for key in dicts[0]}
+
+
+# ---- measure: train the demo's model, route as ranks would -----------------------------
+
+def assignment_counts(gpt, batches) -> torch.Tensor:
+    """int [layers, R, N]: real assignments from each batch (one rank's tokens) to each expert."""
+    routed = []
+    routers = [module for module in gpt.modules()
+               if callable(getattr(module, "pop_routing_statistics", None))]
+    hooks = [router.register_forward_hook(lambda _m, _i, out: routed.append(out[1]))
+             for router in routers]
+    counts = []
+    gpt.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                routed.clear()
+                gpt(*_model_inputs(batch))
+                counts.append(torch.stack([m.sum(dim=0) for m in routed]))  # [layers, N]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(counts, dim=1).long()
+
+
+def _model_inputs(batch):
+    from megatron_null_moe.demo import data
+
+    length = data.SEQUENCE_LENGTH
+    position_ids = torch.arange(length).expand_as(batch.tokens)
+    causal = torch.ones(1, 1, length, length, dtype=torch.bool).tril().logical_not()
+    return batch.tokens, position_ids, causal
+
+
+def hold_budget(gpt, batches, target: float) -> None:
+    """Set every layer's null selection bias so that its realised real fraction on
+    ``batches`` is ``target``, as the budget controller holds it on average during training
+    (the last step's bias carries that step's error). Layer by layer, since a layer's
+    inputs depend on the routing before it; calibrate_null_offset bisects the offset."""
+    from megatron_null_moe.upcycle.router_init import calibrate_null_offset
+
+    routers = sorted((module for module in gpt.modules()
+                      if callable(getattr(module, "pop_routing_statistics", None))),
+                     key=lambda router: router.layer_number)
+    for router in routers:
+        inputs = []
+        hook = router.register_forward_hook(
+            lambda _m, args, _out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for batch in batches:
+                gpt(*_model_inputs(batch))
+        hook.remove()
+        offset = calibrate_null_offset(torch.cat(inputs), router.weight, router.null_weight,
+                                       router.num_null_copies, router.topk, target)
+        router.null_selection_bias.fill_(offset)
+
+
+def measure_config(setup_name, args) -> dict:
+    """Train one configuration, route --repeats draws of --ranks ranks' tokens; statistics
+    per EP size, averaged over the draws and layers."""
+    from megatron_null_moe.demo import data
+    from megatron_null_moe.demo.train import DemoModel, RoutingSetup, train_model
+    from megatron_null_moe.metrics import set_token_types
+
+    shape = DemoModel(num_experts=args.experts, expert_hidden_size=args.expert_hidden,
+                      batch_size=args.batch_size)
+    setup = RoutingSetup.parse(setup_name, shape.num_experts)
+    gpt, result = train_model(setup, args.seed, args.steps, shape, torch.device("cpu"))
+    set_token_types(gpt, None, num_types=1)
+    gpt.eval()
+    tail = result.layer_real_fraction[-max(1, args.steps // 5):]
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    if setup.real_fraction < 1:
+        hold_budget(gpt, [data.make_batch(args.samples_per_rank, generator)
+                          for _ in range(args.calibration_ranks)], setup.real_fraction)
+    statistics = {ep: [] for ep in args.ep}
+    imbalance, real = [], []
+    for _ in range(args.repeats):
+        batches = [data.make_batch(args.samples_per_rank, generator) for _ in range(args.ranks)]
+        counts_LRN = assignment_counts(gpt, batches)
+        tokens_per_rank = args.samples_per_rank * data.SEQUENCE_LENGTH
+        for counts_RN in counts_LRN:
+            imbalance.append(expert_imbalance(counts_RN))
+            real.append(float(counts_RN.sum()) / (args.ranks * tokens_per_rank * setup.topk))
+            for ep in args.ep:
+                loads = rank_loads(counts_RN, ep, args.gpus_per_node)
+                statistics[ep].append(load_statistics(loads, tokens_per_rank, setup.topk))
+    return {
+        "demo_config": setup_name, "topk": setup.topk,
+        "training_real_fraction_last_fifth": [sum(layer) / len(tail) for layer in zip(*tail)],
+        "real_fraction": sum(real) / len(real),
+        "expert_imbalance": sum(imbalance) / len(imbalance),
+        "by_ep": {str(ep): mean_of(values) for ep, values in statistics.items()},
+    }
+
+
+def measure(args) -> dict:
+    from megatron_null_moe.process_groups import single_process_parallel_state
+
+    torch.set_num_threads(1)
+    began = time.time()
+    from megatron_null_moe.demo import data
+
+    with single_process_parallel_state("cpu"):
+        configs = {name: measure_config(demo_name, args)
+                   for name, (demo_name, _, _) in CONFIGS.items()}
+    return {
+        "how": {"steps": args.steps, "batch_size": args.batch_size, "experts": args.experts,
+                "expert_hidden": args.expert_hidden, "ranks": args.ranks,
+                "samples_per_rank": args.samples_per_rank,
+                "tokens_per_rank": args.samples_per_rank * data.SEQUENCE_LENGTH,
+                "repeats": args.repeats, "calibration_ranks": args.calibration_ranks,
+                "gpus_per_node": args.gpus_per_node, "seed": args.seed,
+                "seconds": round(time.time() - began), "date": time.strftime("%Y-%m-%d"),
+                "machine": "this project's CPU machine (2 cores, no GPU)"},
+        "configs": configs,
+    }
+
+
+# ---- model: scale to the shape and the assumed hardware ---------------------------------
+
+def step_costs(statistics: dict, shape: dict, hardware: dict) -> dict:
+    """Per GPU and step (tokens per GPU through every MoE layer, forward + backward), for the
+    mean rank and the slowest: expert GEMM FLOPs and seconds, all-to-all bytes sent (over a
+    step a rank sends what it receives: combine and backward mirror the dispatch) and seconds.
+
+    Expert GEMMs per row: forward 2*H*2F (gate and up) + 2*F*H (down), backward twice that:
+    18*H*F. All-to-alls per layer: dispatch (a row of H in activation bytes + its routing
+    weight) and combine (a row of H), forward and backward; each phase lasts as long as the
+    busiest rank's larger direction on its slower link.
+    """
+    tokens, layers = shape["tokens"], shape["layers"]
+    flops_per_row = 18 * shape["hidden"] * shape["expert_ffn"]
+    row_bytes = {"dispatch": shape["hidden"] * hardware["activation_bytes"]
+                 + hardware["routing_weight_bytes"],
+                 "combine": shape["hidden"] * hardware["activation_bytes"]}
+    costs = {}
+    for which in ("mean", "max"):
+        rows = statistics[f"expert_rows_{which}"] * tokens
+        flops = rows * flops_per_row * layers
+        phase_seconds = sum(
+            2 * max(statistics[f"nvlink_rows_{which}"] * tokens * size / hardware["nvlink_bps"],
+                    statistics[f"infiniband_rows_{which}"] * tokens * size
+                    / hardware["infiniband_bps"])
+            for size in row_bytes.values())
+        costs[which] = {
+            "expert_flops": flops,
+            "gemm_seconds": flops / hardware["gemm_flops"],
+            "alltoall_bytes": statistics[f"exchanged_rows_{which}"] * tokens * layers
+            * sum(row_bytes.values()),
+            "alltoall_seconds": phase_seconds * layers,
+        }
+        costs[which]["seconds"] = costs[which]["gemm_seconds"] + costs[which]["alltoall_seconds"]
+    return costs
+
+
+def model_rows(configs: dict, shape: dict, hardware: dict) -> list:
+    """Table rows: step_costs per EP size and configuration."""
+    rows = []
+    sizes = sorted({int(ep) for config in configs.values() for ep in config["by_ep"]})
+    for ep in sizes:
+        by_config = {}
+        for name, config in configs.items():
+            if str(ep) not in config["by_ep"]:
+                continue
+            by_config[name] = {"config": name, "ep": ep, "real_fraction": config["real_fraction"],
+                               **step_costs(config["by_ep"][str(ep)], shape, hardware)}
+        for row in by_config.values():
+            for reference in ("upstream K8 rho=1", "upstream K4 rho=1"):
+                if reference in by_config:
+                    row[f"vs {reference}"] = row["max"]["seconds"] / \
+                        by_config[reference]["max"]["seconds"]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list, gpus_per_node: int) -> str:
+    """The model's table; "balanced": the mean rank's load on every rank."""
+    lines = [
+        "| EP (nodes) | config | real fraction (M) | expert GEMM TFLOP: mean / slowest rank (M) "
+        "| all-to-all GB sent: mean / busiest rank (M) | GEMM ms: balanced / slowest (A) "
+        "| all-to-all ms: balanced / slowest (A) | step ms: balanced / slowest (A) "
+        "| slowest step vs upstream K8 | vs upstream K4 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        mean, most = row["mean"], row["max"]
+        nodes = max(1, row["ep"] // gpus_per_node)
+        milliseconds = {key: f"{mean[key] * 1e3:.0f} / {most[key] * 1e3:.0f}"
+                        for key in ("gemm_seconds", "alltoall_seconds", "seconds")}
+        lines.append(
+            f"| {row['ep']} ({nodes}) | {row['config']} | {row['real_fraction']:.3f} | "
+            f"{mean['expert_flops'] / 1e12:.1f} / {most['expert_flops'] / 1e12:.1f} | "
+            f"{mean['alltoall_bytes'] / 1e9:.1f} / {most['alltoall_bytes'] / 1e9:.1f} | "
+            f"{milliseconds['gemm_seconds']} | {milliseconds['alltoall_seconds']} | "
+            f"{milliseconds['seconds']} | {row.get('vs upstream K8 rho=1', float('nan')):.2f} | "
+            f"{row.get('vs upstream K4 rho=1', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def measured_summary(measured: dict) -> str:
+    lines = ["| config | real fraction (training, last fifth, per layer) | real fraction "
+             "(routing the ranks' tokens) | busiest expert / mean | ranks' real fraction, "
+             "min-max at the largest EP |", "|---|---|---|---|---|"]
+    for name, config in measured["configs"].items():
+        lines.append(f"| {name} | " + _summary_cells(config))
+    return "\n".join(lines)
+
+
+def _summary_cells(config: dict) -> str:
+    spread = config["by_ep"][max(config["by_ep"], key=int)]
+    training = ", ".join(f"{value:.3f}" for value in config["training_real_fraction_last_fifth"])
+    return (f"{training} | {config['real_fraction']:.3f} | "
+            f"{config['expert_imbalance']:.2f} | {spread['rank_real_fraction_min']:.3f}"
+            f"-{spread['rank_real_fraction_max']:.3f} |")
+
+
+# ---- command line ------------------------------------------------------------------------
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    measuring = commands.add_parser("measure", help="routing statistics on the CPU")
+    measuring.add_argument("--steps", type=int, default=300)
+    measuring.add_argument("--batch-size", type=int, default=32)
+    measuring.add_argument("--experts", type=int, default=QWEN3_30B_A3B["experts"])
+    measuring.add_argument("--expert-hidden", type=int, default=32)
+    measuring.add_argument("--ranks", type=int, default=max(EP_SIZES))
+    measuring.add_argument("--samples-per-rank", type=int, default=85,
+                           help="85 samples of 48 tokens: 4,080 tokens per rank")
+    measuring.add_argument("--repeats", type=int, default=4)
+    measuring.add_argument("--calibration-ranks", type=int, default=16,
+                           help="ranks' worth of fresh tokens the null offset is set on")
+    measuring.add_argument("--ep", default=",".join(map(str, EP_SIZES)))
+    measuring.add_argument("--gpus-per-node", type=int, default=8)
+    measuring.add_argument("--seed", type=int, default=0)
+    measuring.add_argument("--statistics", type=Path, default=STATISTICS)
+    modelling = commands.add_parser("model", help="the tables, from measured statistics")
+    modelling.add_argument("--statistics", type=Path, default=STATISTICS)
+    modelling.add_argument("--tokens", type=int, default=4096,
+                           help="tokens per GPU and micro-batch (sequence 4096, micro-batch 1)")
+    modelling.add_argument("--gemm-tflops", type=float, default=400.0,
+                           help="achieved BF16 grouped-GEMM TFLOP/s per GPU (assumed)")
+    modelling.add_argument("--nvlink-gbps", type=float, default=350.0,
+                           help="achieved all-to-all GB/s per GPU and direction within a node "
+                                "(assumed; NVLink 4 peak 450)")
+    modelling.add_argument("--infiniband-gbps", type=float, default=40.0,
+                           help="achieved GB/s per GPU and direction between nodes (assumed; "
+                                "one InfiniBand NDR 400 Gb/s NIC per GPU, peak 50)")
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        args.ep = [int(size) for size in args.ep.split(",") if size]
+        for ep in args.ep:
+            if ep > args.ranks or args.experts % ep:
+                parser.error(f"--ep {ep}: needs EP <= --ranks {args.ranks} and dividing "
+                             f"--experts {args.experts}")
+    return args
+
+
+def hardware_of(args) -> dict:
+    return {"gemm_flops": args.gemm_tflops * 1e12, "nvlink_bps": args.nvlink_gbps * 1e9,
+            "infiniband_bps": args.infiniband_gbps * 1e9, "activation_bytes": 2,
+            "routing_weight_bytes": 4}
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    if args.command == "measure":
+        measured = measure(args)
+        args.statistics.parent.mkdir(parents=True, exist_ok=True)
+        args.statistics.write_text(json.dumps(measured, indent=1) + "\n")
+        print(measured_summary(measured))
+        return measured
+    measured = json.loads(args.statistics.read_text())
+    shape = dict(QWEN3_30B_A3B, tokens=args.tokens)
+    if measured["how"]["experts"] != shape["experts"]:
+        print(f"note: statistics measured with {measured['how']['experts']} experts, the model "
+              f"has {shape['experts']}", file=sys.stderr)
+    rows = model_rows(measured["configs"], shape, hardware_of(args))
+    print(measured_summary(measured))
+    print()
+    print(markdown(rows, measured["how"]["gpus_per_node"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
