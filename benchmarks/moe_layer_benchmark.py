@@ -530,8 +530,10 @@ def main(argv=None):
         partial.replace(args.output)  # a kill mid-write leaves the previous JSON whole
         return target_rows
 
+    began = time.monotonic()
     with single_process_parallel_state("cpu" if on_cpu else "cuda"):
         rows = benchmark(args, save)
+    meta["seconds"] = round(time.monotonic() - began)
     target_rows = save(rows, complete=True)
     print(" ".join(f"{key}={value}" for key, value in meta.items()))
     print(table(rows, target_rows))
