@@ -20,7 +20,9 @@ not a time.
 
 Times are medians over --repeats after --warmup steps: GPU time by CUDA events and host time
 by the wall clock until the step has been issued (perf_counter on the CPU, where both are the
-same). Per step it also counts the aten ops dispatched (``ops_per_step``, forward and
+same). On the CPU, freed memory stays in the process (--cpu-allocator cached), as CUDA's
+caching allocator keeps it: glibc would otherwise unmap every buffer over 32 MiB and
+page-fault it anew at each step, a cost of the CPU alone that falls on the largest buffers. Per step it also counts the aten ops dispatched (``ops_per_step``, forward and
 backward: a device-independent proxy for kernel launches), host-device synchronisations
 (CUDA's sync debug mode; on the CPU the calls that would synchronise), GPU kernels
 (torch.profiler) and, for FP8 lean rows, FP8 grouped GEMMs (an FP8 lean row whose FP8 kernel
@@ -77,10 +79,11 @@ PRESETS = {  # hidden, experts, expert FFN (GLU), token counts, precisions, devi
     "h100": dict(hidden=2048, experts=128, ffn=768, tokens=[16384, 65536],
                  precisions=["bf16", "fp8"], device="cuda", warmup=5, repeats=20),
     "cpu": dict(hidden=512, experts=32, ffn=256, tokens=[4096], precisions=["fp32"],
-                device="cpu", warmup=2, repeats=5),
+                device="cpu", warmup=2, repeats=9),
     "cpu-smoke": dict(hidden=64, experts=8, ffn=32, tokens=[256], precisions=["fp32"],
                       device="cpu", warmup=5, repeats=20, threads=1),
 }
+CPU_ALLOCATORS = ("cached", "system")
 BUDGET_TOLERANCE = 0.01
 BUDGET_METHOD = (
     "null selection bias calibrated by bisection on the benchmark's tokens "
@@ -100,6 +103,11 @@ def parse_arguments(argv=None):
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop starting new configurations after this long (they are "
                              "listed as skipped), so that a run fits a time limit")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="cached",
+                        help="CPU presets: cached (default) keeps freed memory in the process, "
+                             "as CUDA's caching allocator does; system leaves glibc as it is, "
+                             "which maps and page-faults every buffer over 32 MiB anew at each "
+                             "step, a cost no GPU has")
     parser.add_argument("--output", type=Path, default=Path("outputs/moe_layer_benchmark.json"))
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -176,6 +184,31 @@ def hold_budget(router, hidden_SBH) -> float:
         router.null_selection_bias.fill_(bias)
     router.null_bias_in_use = True  # as after a controller step: the losses see no bias
     return bias
+
+
+# glibc's mallopt parameters and their defaults (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def cpu_malloc_cache():
+    """glibc without mmap for large blocks and without trimming, for the duration: freed
+    buffers are reused, as CUDA's caching allocator reuses them, instead of being unmapped
+    and page-faulted anew at every step (yields whether it applied: glibc only)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield False
+        return
+    applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    try:
+        yield applied
+    finally:
+        for parameter, value in _GLIBC_DEFAULTS.items():
+            mallopt(parameter, value)
 
 
 class BudgetError(RuntimeError):
@@ -531,7 +564,13 @@ def main(argv=None):
         return target_rows
 
     began = time.monotonic()
-    with single_process_parallel_state("cpu" if on_cpu else "cuda"):
+    with contextlib.ExitStack() as stack:
+        if on_cpu and args.cpu_allocator == "cached":
+            cached = stack.enter_context(cpu_malloc_cache())
+            meta["cpu_allocator"] = "cached" if cached else "system (no glibc)"
+        elif on_cpu:
+            meta["cpu_allocator"] = "system"
+        stack.enter_context(single_process_parallel_state("cpu" if on_cpu else "cuda"))
         rows = benchmark(args, save)
     meta["seconds"] = round(time.monotonic() - began)
     target_rows = save(rows, complete=True)

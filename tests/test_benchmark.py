@@ -36,6 +36,7 @@ def test_cpu_smoke_run_reports_every_path_and_config_with_ratios(tmp_path, capsy
     saved = json.loads(output.read_text())
     assert saved["rows"] == rows and saved["targets"] == []  # no targets at tiny shapes
     assert saved["meta"]["complete"] is True and "calibrate_null_offset" in saved["meta"]["budget"]
+    assert saved["meta"]["cpu_allocator"] == "cached"  # glibc here; restored after the run
     upstream_ops = by_name["upstream K4 rho=1"]["ops_per_step"]
     for row in rows:
         if row["path"] == "lean":
