@@ -13,6 +13,8 @@ from typing import Optional
 from megatron_null_moe.budget import DEFAULT_RATE
 from megatron_null_moe.config import (
     BUDGET_RATE_FLAG,
+    LEAN_BUFFER_FLAG,
+    LEAN_BUFFERS,
     NUM_NULL_FLAG,
     RHO_FLAG,
     NullExpertConfig,
@@ -82,6 +84,16 @@ def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
              "--moe-token-dispatcher-type alltoall, --disable-bias-linear, expert tensor "
              "parallel size 1. Checkpoints are interchangeable between the two.",
     )
+    group.add_argument(
+        LEAN_BUFFER_FLAG, choices=LEAN_BUFFERS, default="auto",
+        help=f"With {EXPERT_PATH_FLAG} lean at expert parallel size 1: how many rows the "
+             "buffers hold. real-rows: the real assignments only, their count read on the "
+             "host (one sync per MoE layer and micro-batch on a GPU). worst-case: tokens*topk "
+             "rows, the null slots' rows carried through gathers, activation and backward, "
+             "and nothing read back to the host (CUDA-graph capturable). auto (default): "
+             "real-rows on the CPU, worst-case on a GPU. With expert parallelism the count "
+             "is on the host anyway (the all-to-all's split sizes): real rows always.",
+    )
     return parser
 
 
@@ -121,9 +133,12 @@ def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExper
     scope = getattr(args, "moe_null_balance_scope", None)
     controller = getattr(args, "moe_null_budget_controller", False)
     rate = getattr(args, "moe_null_budget_rate", None)
+    lean_buffer = getattr(args, "moe_null_lean_buffer", None) or "auto"
     if rate is not None and not controller:
         raise ValueError(f"{BUDGET_RATE_FLAG} needs {BUDGET_CONTROLLER_FLAG}.")
-    null_expert_path_from_args(args)
+    if null_expert_path_from_args(args) != "lean" and lean_buffer != "auto":
+        raise ValueError(f"{LEAN_BUFFER_FLAG} {lean_buffer} needs {EXPERT_PATH_FLAG} lean; "
+                         "allowed on the megatron path: auto.")
     if rho is None:
         if copies is not None or scope is not None or controller:
             raise ValueError(
@@ -136,6 +151,7 @@ def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExper
     null_config = NullExpertConfig(
         real_fraction=rho, num_null_copies=copies,
         budget_control_rate=(rate if rate is not None else DEFAULT_RATE) if controller else None,
+        lean_buffer=lean_buffer,
     )
     # Fractional or contradicting M fails here, at start-up.
     holds_budget = null_config.null_copies_for(args.num_experts) == 0 or controller

@@ -14,6 +14,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 RHO_FLAG = "--moe-null-expert-rho"
 NUM_NULL_FLAG = "--moe-num-null-experts"
 BUDGET_RATE_FLAG = "--moe-null-budget-rate"
+LEAN_BUFFER_FLAG = "--moe-null-lean-buffer"
+# How many rows the lean path's buffers hold (lean/dispatcher.py): "auto" picks "real-rows"
+# where the real count is on the host anyway (CPU tensors; expert parallelism, whose
+# all-to-all reads it) and "worst-case" (T*K rows, no host read) on a GPU at EP = 1.
+LEAN_BUFFERS = ("auto", "real-rows", "worst-case")
 
 
 @dataclass(frozen=True)
@@ -27,11 +32,16 @@ class NullExpertConfig:
         with rho < 1 it must be that number rounded down or up (the target becomes N/(N+M)).
     budget_control_rate: the budget controller's rate (budget.py), or None for the paper's
         routing, where only the balance loss pulls the real fraction towards its target.
+    lean_buffer: on the lean expert path, how many rows its buffers hold (LEAN_BUFFERS):
+        "real-rows" reads the real count on the host (one sync per layer on a GPU),
+        "worst-case" carries T*K rows and never waits for the host at EP = 1, "auto" picks
+        real-rows on the CPU and with expert parallelism, worst-case on a GPU at EP = 1.
     """
 
     real_fraction: float = 1.0
     num_null_copies: Optional[int] = None
     budget_control_rate: Optional[float] = None
+    lean_buffer: str = "auto"
 
     def __post_init__(self):
         rho = self.real_fraction
@@ -52,6 +62,11 @@ class NullExpertConfig:
             raise ValueError(
                 f"budget_control_rate ({BUDGET_RATE_FLAG}) must be a positive finite number "
                 f"or unset; got {rate!r}."
+            )
+        if self.lean_buffer not in LEAN_BUFFERS:
+            raise ValueError(
+                f"lean_buffer ({LEAN_BUFFER_FLAG}) must be one of {', '.join(LEAN_BUFFERS)}; "
+                f"got {self.lean_buffer!r}."
             )
 
     def null_copies_for(self, num_experts: int) -> int:

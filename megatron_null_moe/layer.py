@@ -21,14 +21,18 @@ class NullExpertMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, name=name)
-        self.token_dispatcher = self.dispatcher_class(config)(
-            self.num_local_experts, self.local_expert_indices, config=config,
-            pg_collection=pg_collection,
-        )
+        self.token_dispatcher = self.build_token_dispatcher(config, pg_collection)
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
         if hasattr(self, "_training_token_dispatcher"):
             self._training_token_dispatcher = self.token_dispatcher
+
+    def build_token_dispatcher(self, config, pg_collection):
+        """The dispatcher ``dispatcher_class`` names, built as MoELayer builds its own."""
+        return self.dispatcher_class(config)(
+            self.num_local_experts, self.local_expert_indices, config=config,
+            pg_collection=pg_collection,
+        )
 
     @staticmethod
     def dispatcher_class(config):

@@ -4,7 +4,8 @@ Every MoE layer in the spec becomes a NullExpertMoELayer with a NullExpertRouter
 else changes (attention, norms, dense layers, experts, shared experts stay as they were).
 The expert path picks the layer and the experts: "megatron" keeps the spec's experts with
 the null-aware version of Megatron's dispatcher; "lean" uses LeanNullExpertMoELayer and
-LeanGroupedExperts (device-side sort, grouped GEMMs, no host wait with EP = 1).
+LeanGroupedExperts (device-side sort, grouped GEMMs; buffers of real rows or, with no host
+wait, of the worst case: NullExpertConfig.lean_buffer).
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_null_moe.config import NullExpertConfig
+from megatron_null_moe.config import LEAN_BUFFER_FLAG, NullExpertConfig
 from megatron_null_moe.layer import NullExpertMoELayer
 from megatron_null_moe.lean.experts import LeanGroupedExperts
 from megatron_null_moe.lean.layer import LeanNullExpertMoELayer
@@ -44,6 +45,10 @@ def with_null_experts(spec: Any, null_config: NullExpertConfig, *,
         raise ValueError(
             f"with_null_experts: expert_path (--moe-null-expert-path)={expert_path!r}; "
             f"allowed: {', '.join(EXPERT_PATHS)}.")
+    if expert_path != "lean" and null_config.lean_buffer != "auto":
+        raise ValueError(
+            f"with_null_experts: lean_buffer ({LEAN_BUFFER_FLAG})={null_config.lean_buffer!r} "
+            f"applies to expert_path 'lean' only; allowed with {expert_path!r}: 'auto'.")
     convert = functools.partial(with_null_experts, null_config=null_config,
                                 expert_path=expert_path)
     if isinstance(spec, ModuleSpec) and _is_moe_layer(spec.module):

@@ -171,10 +171,12 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
     rho = null_config.pool_real_fraction(num_experts)
     holder = (f"budget controller on (rate {null_config.budget_control_rate:g})"
               if null_config.budget_control_rate is not None else "budget controller off")
+    path = expert_path_of(args)
+    buffers = f"lean buffers {null_config.lean_buffer}; " if path == "lean" else ""
     return (f"null experts: N={num_experts} real + M={null_config.null_copies_for(num_experts)} "
             f"null copies, top-{topk}; target real fraction {rho:.4g} ({rho * topk:.4g} real "
             f"experts per token on average, each token between {fewest} and {most}); {holder}; "
-            f"expert path {expert_path_of(args)}.")
+            f"{buffers}expert path {path}.")
 
 
 def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
@@ -222,6 +224,7 @@ def null_expert_train_step(original, monitor: NullExpertMonitor):
         monitor.end_of_step(get_args())
         return result
 
+    train_step.null_expert_monitor = monitor  # marks Megatron's loop as hooked
     return train_step
 
 
@@ -400,12 +403,23 @@ def single_process_environment() -> None:
 @contextlib.contextmanager
 def null_expert_training(on_cpu: Optional[bool] = None):
     """Everything Megatron's loop needs for null experts; yields the NullExpertMonitor,
-    whose ``configure(args)`` the caller runs after parsing. on_cpu: default, no CUDA."""
+    whose ``configure(args)`` the caller runs after parsing. on_cpu: default, no CUDA.
+
+    Enter it once: the entry point and the patched Megatron-LM ``pretrain_gpt.py`` enter it
+    themselves, so a second one around them is refused (RuntimeError) before anything
+    changes.
+    """
     import megatron.core.datasets.utils as dataset_utils
     import megatron.training.checkpointing as checkpointing
     import megatron.training.training as training
 
     from megatron_null_moe.cpu import cpu_harness
+
+    if hasattr(training.train_step, "null_expert_monitor"):
+        raise RuntimeError(
+            "null_expert_training() is already active: python -m megatron_null_moe.pretrain_gpt "
+            "and the patched Megatron-LM pretrain_gpt.py enter it themselves. Enter it once: "
+            "remove the outer null_expert_training() (its hooks would run twice per step).")
 
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()

@@ -3,8 +3,10 @@
 # README ("Verify on a GPU"). Installs the Megatron-Core and Transformer Engine wheels that
 # ../shared/gpu/prepare.sh staged (.gpu/p0..p4 already copied to /root/stage, .gpu/p5
 # carried by this call), runs tests/test_gpu.py, then the MoE layer benchmark over every path
-# (upstream, plugin with Megatron's experts, lean) and precision (bf16, fp8), with kernels and
-# host syncs per step. Logs and JSON go to $OUT (6 files); the summary table is printed last.
+# (upstream, plugin with Megatron's experts, lean with both buffers) and precision (bf16, fp8)
+# at the budget: each rho<1 row's router holds its realised real fraction at rho (a row off by
+# more than 0.01 is an error, not a time), with aten ops, kernels and host syncs per step.
+# Logs and JSON go to $OUT (6 files); the summary table is printed last.
 # Exits non-zero when the tests or the benchmark failed (or pytest was missing).
 #
 # Here, before the device calls: `bash scripts/verify_on_gpu.sh --stage-pytest` adds pytest's

@@ -72,6 +72,27 @@ def test_expert_path_flag():
     assert null_expert_config_from_args(args).real_fraction == 0.5
 
 
+def test_lean_buffer_flag():
+    lean = (*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-expert-path", "lean")
+    assert null_expert_config_from_args(parse(*lean)).lean_buffer == "auto"
+    for buffer in ("real-rows", "worst-case"):
+        args = parse(*lean, "--moe-null-lean-buffer", buffer)
+        assert null_expert_config_from_args(args).lean_buffer == buffer
+    with pytest.raises(ValueError, match="--moe-null-lean-buffer worst-case needs "
+                                         "--moe-null-expert-path lean; allowed on the megatron "
+                                         "path: auto"):
+        null_expert_config_from_args(parse(*MOE, "--moe-null-expert-rho", "0.5",
+                                           "--moe-null-lean-buffer", "worst-case"))
+
+
+def test_unknown_lean_buffer_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse(*MOE, "--moe-null-lean-buffer", "tight")
+    error = capsys.readouterr().err
+    assert "--moe-null-lean-buffer: invalid choice: 'tight'" in error
+    assert "'auto', 'real-rows', 'worst-case'" in error
+
+
 def test_unknown_scope_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-null-balance-scope", "batch")

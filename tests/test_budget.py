@@ -159,5 +159,8 @@ def test_parallel_controller_step_equals_one_process(parallel_state, parallel_si
                           [[hidden for rank in inputs for hidden in rank]])
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == single[0]["tokens"] == 48
     assert ranks[0]["real_fraction"] == ranks[1]["real_fraction"] == single[0]["real_fraction"]
-    assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])
-    assert torch.equal(ranks[0]["bias"], single[0]["bias"]) and float(single[0]["bias"]) != 0
+    assert torch.equal(ranks[0]["bias"], ranks[1]["bias"])  # replicas: the same all-reduced sums
+    # One process vs two: the logit spreads come from router GEMMs over other token counts
+    # (TP2-SP: half sequences) and are summed in another order, in fp32: equal to a few ulps.
+    torch.testing.assert_close(ranks[0]["bias"], single[0]["bias"], rtol=1e-5, atol=1e-7)
+    assert float(single[0]["bias"]) != 0

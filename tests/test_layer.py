@@ -305,7 +305,13 @@ def test_non_finite_router_input_makes_that_token_nan_not_zero(parallel_state):
             output, _ = layer(broken)
             assert torch.isnan(output[3]).all()
             others = [t for t in range(12) if t != 3]
-            torch.testing.assert_close(output[others], clean[others], rtol=0, atol=0)
+            # Not bit-equal: token 3 now goes to other experts, so the experts' GEMMs get
+            # other row counts, which MKL rounds differently on some CPUs (AMD EPYC: up to
+            # 5e-10, 7.6e-6 relative on a small element). fp32 (eps 1.2e-7) over sums of 16
+            # and 32 terms: a few ulps of the output's scale.
+            scale = float(clean[others].abs().max())
+            torch.testing.assert_close(output[others], clean[others], rtol=1e-5,
+                                       atol=1e-5 * scale)
 
 
 def test_dropped_assignments_are_counted_apart_from_null_choices(parallel_state):

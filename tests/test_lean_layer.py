@@ -22,8 +22,15 @@ def _run(layer, hidden, target):
         if grad is not None}
 
 
-def _compare(overrides=(), dtype=torch.float32, tolerance=1e-5, hidden=None, seed=4):
-    """Both paths from one seed on the same tokens; asserts equality, returns the results."""
+BUFFERS = ["real-rows", "worst-case"]  # "auto" is real-rows on the CPU
+
+
+def _compare(overrides=(), dtype=torch.float32, tolerance=1e-5, hidden=None, seed=4,
+             lean_buffer="auto"):
+    """Both paths from one seed on the same tokens; asserts equality, returns the results.
+
+    Equal within ``tolerance`` of each tensor's largest value, not bit-equal: the paths run
+    GEMMs of other shapes (one grouped GEMM vs one per expert), which round differently."""
     settings = dict(overrides)
     if dtype == torch.bfloat16:
         settings.update(params_dtype=torch.bfloat16, bf16=True, moe_router_dtype="fp32")
@@ -32,8 +39,9 @@ def _compare(overrides=(), dtype=torch.float32, tolerance=1e-5, hidden=None, see
         hidden = torch.randn(12, 2, 16, generator=torch.Generator().manual_seed(seed))
     target = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seed + 1))
     results = []
-    for path in ("megatron", "lean"):
-        layer = build_moe_layer(config, real_fraction=0.5, seed=seed, expert_path=path)
+    for path, buffer in (("megatron", "auto"), ("lean", lean_buffer)):
+        layer = build_moe_layer(config, real_fraction=0.5, seed=seed, expert_path=path,
+                                lean_buffer=buffer)
         results.append(_run(layer.to(dtype), hidden.to(dtype), target))
     (out_m, dx_m, grads_m), (out_l, dx_l, grads_l) = results
     for name, (ours, theirs) in {"output": (out_l, out_m), "input grad": (dx_l, dx_m)}.items():
@@ -45,9 +53,11 @@ def _compare(overrides=(), dtype=torch.float32, tolerance=1e-5, hidden=None, see
     return results
 
 
+@pytest.mark.parametrize("lean_buffer", BUFFERS)
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_forward_and_backward_equal_the_megatron_path(parallel_state, dtype, tolerance):
-    (out, _, grads), _ = _compare(dtype=dtype, tolerance=tolerance)
+def test_forward_and_backward_equal_the_megatron_path(parallel_state, dtype, tolerance,
+                                                      lean_buffer):
+    (out, _, grads), _ = _compare(dtype=dtype, tolerance=tolerance, lean_buffer=lean_buffer)
     assert grads["router.null_weight"].abs().sum() > 0 and out.abs().sum() > 0
 
 
@@ -99,14 +109,16 @@ def _past_end(input_MK, offsets_G):
 def test_undefined_rows_never_reach_outputs_or_gradients(parallel_state, monkeypatch):
     """Garbage (here NaN) in the rows a grouped GEMM leaves unwritten changes nothing."""
     monkeypatch.setattr(grouped_gemm, "grouped_linear", _poisoned_grouped_linear)
-    (out, dx, grads), _ = _compare()
+    (out, dx, grads), _ = _compare(lean_buffer="worst-case")  # the buffer with such rows
     assert torch.isfinite(out).all() and torch.isfinite(dx).all()
     assert all(torch.isfinite(grad).all() for grad in grads.values())
 
 
-def test_all_null_micro_batch(parallel_state, monkeypatch):
+@pytest.mark.parametrize("lean_buffer", BUFFERS)
+def test_all_null_micro_batch(parallel_state, monkeypatch, lean_buffer):
     monkeypatch.setattr(grouped_gemm, "grouped_linear", _poisoned_grouped_linear)
-    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean")
+    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean",
+                            lean_buffer=lean_buffer)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.null_weight.fill_(1.0)
@@ -125,24 +137,50 @@ def _dispatch_and_experts(layer, hidden, probs, routing_map):
     output.sum().backward()
 
 
-def test_lean_path_never_reads_back_to_the_host(parallel_state):
+def test_worst_case_buffer_never_reads_back_to_the_host_real_rows_once(parallel_state):
     hidden = torch.randn(10, 2, 16, requires_grad=True)
     calls = {}
-    for path in ("megatron", "lean"):
-        layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path=path)
+    for path, buffer in (("megatron", "auto"), ("lean", "worst-case"), ("lean", "real-rows")):
+        layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path=path,
+                                lean_buffer=buffer)
         probs, routing_map = layer.router(hidden)
-        calls[path] = count_sync_ops(
+        calls[buffer] = count_sync_ops(
             lambda: _dispatch_and_experts(layer, hidden, probs, routing_map))
-    assert calls["lean"] == []
-    assert "TensorBase.tolist" in calls["megatron"]  # the counter does see Megatron's reads
+    assert calls["worst-case"] == []
+    assert calls["real-rows"] == ["TensorBase.__int__"]  # the real count, once
+    assert "TensorBase.tolist" in calls["auto"]  # the counter does see Megatron's reads
 
 
 def test_whole_lean_layer_never_reads_back_to_the_host(parallel_state):
-    """Router included (training mode: losses and statistics), forward and backward."""
-    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean")
+    """Worst-case buffer, router included (training mode: losses and statistics), forward
+    and backward."""
+    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean",
+                            lean_buffer="worst-case")
     layer.train()
     hidden = torch.randn(10, 2, 16, requires_grad=True)
     assert count_sync_ops(lambda: layer(hidden)[0].sum().backward()) == []
+
+
+def test_buffer_rows_real_on_the_cpu_and_worst_case_on_a_gpu_by_default(parallel_state):
+    """auto: real rows where reading the count costs nothing, the worst case (no host sync,
+    CUDA-graph capturable) on a GPU; the explicit settings hold on every device."""
+    chosen = {}
+    for buffer in ("auto", "real-rows", "worst-case"):
+        dispatcher = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean",
+                                     lean_buffer=buffer).token_dispatcher
+        chosen[buffer] = [dispatcher.holds_real_rows_only(torch.device(device))
+                          for device in ("cpu", "cuda")]
+    assert chosen == {"auto": [True, False], "real-rows": [True, True],
+                      "worst-case": [False, False]}
+    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean")
+    rows = {}
+    for buffer in ("real-rows", "worst-case"):
+        layer.token_dispatcher.lean_buffer = buffer
+        probs, routing_map = layer.router(torch.randn(10, 2, 16))
+        tokens, _ = layer.token_dispatcher.dispatch_preprocess(torch.randn(10, 2, 16),
+                                                               routing_map, probs)
+        rows[buffer] = (tokens.shape[0], int(routing_map.sum()))
+    assert rows["real-rows"][0] == rows["real-rows"][1] < rows["worst-case"][0] == 20 * 4
 
 
 @pytest.mark.parametrize("overrides,flag", [
@@ -163,6 +201,15 @@ def test_refused_with_the_flag_named(overrides, flag):
 def test_unknown_expert_path_refused():
     with pytest.raises(ValueError, match="--moe-null-expert-path.*'fast'; allowed: megatron, lean"):
         with_null_experts(None, NullExpertConfig(0.5), expert_path="fast")
+
+
+def test_bad_lean_buffer_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--moe-null-lean-buffer.*auto, real-rows, worst-case; "
+                                         "got 'tight'"):
+        NullExpertConfig(0.5, lean_buffer="tight")
+    with pytest.raises(ValueError, match="--moe-null-lean-buffer.*'real-rows' applies to "
+                                         "expert_path 'lean' only; allowed with 'megatron'"):
+        with_null_experts(None, NullExpertConfig(0.5, lean_buffer="real-rows"))
 
 
 def test_sync_counter_sees_blocking_copies_comparisons_and_value_sized_one_hot():

@@ -41,11 +41,37 @@ def test_real_rows_come_first_in_megatrons_permute_order():
                                            num_out_tokens=num_real)
     rows = gather_rows(tokens, order)
     assert rows.shape == (40 * 4, 16)
-    assert torch.equal(rows[:num_real], expected)
+    assert torch.equal(rows[:num_real], expected)  # copies: bit-exact
     assert torch.equal(gather_probs(probs, order)[:num_real], expected_probs)
     assert torch.equal(order.tokens_per_expert_N, routing_map.sum(0))
     assert torch.all(rows[num_real:] == 0) and torch.all(gather_probs(probs, order)[num_real:] == 0)
-    assert torch.equal(gather_rows(tokens, order, num_real), expected)
+    real = order.real_rows(num_real)
+    assert not real.has_spill_rows and real.num_rows == num_real
+    assert torch.equal(gather_rows(tokens, real), expected)
+    assert torch.equal(gather_probs(probs, real), expected_probs)
+
+
+def test_real_rows_only_combine_and_backward_like_megatrons_unpermute():
+    """Cut to the real rows: the gathers, the combine and their gradients touch only them."""
+    from megatron.core.transformer.moe.moe_utils import unpermute
+
+    probs, routing_map = _routing(32, seed=5)
+    order = _order(routing_map)
+    real = order.real_rows(int(routing_map.sum()))
+    tokens = torch.randn(32, 8, requires_grad=True)
+    probs = probs.clone().requires_grad_(True)
+    rows = gather_rows(tokens, real) * gather_probs(probs, real).unsqueeze(-1)
+    combined = scatter_add_rows(rows, real)
+    _, _, sorted_indices, *_ = permute(tokens.detach(), routing_map,
+                                       num_out_tokens=real.num_rows)
+    expected = unpermute(rows.detach(), sorted_indices, tokens.shape, routing_map=routing_map)
+    torch.testing.assert_close(combined, expected)  # fp32 sums in another order: default tol
+    upstream = torch.randn(32, 8)
+    combined.backward(upstream)
+    weight_TN = probs.detach() * routing_map
+    torch.testing.assert_close(tokens.grad, weight_TN.sum(-1, keepdim=True) * upstream)
+    expected_probs_grad = (upstream @ tokens.detach().t()).diagonal().unsqueeze(-1) * routing_map
+    torch.testing.assert_close(probs.grad, expected_probs_grad)
 
 
 def test_scatter_ignores_whatever_the_spill_rows_hold_and_sends_them_no_gradient():

@@ -199,6 +199,7 @@ def test_patched_script_prints_help_and_trains_with_null_statistics_on_the_cpu(t
                            text=True, timeout=300, env=dict(environment, RANK="0"))
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "--moe-null-budget-controller" in shown.stdout
+    assert "--moe-null-lean-buffer" in shown.stdout
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
                "--master-port", str(free_port()), TARGET, *TINY_GPT, "--train-iters", "4",
                "--moe-null-budget-controller", "--tensorboard-dir", str(tmp_path / "tb")]

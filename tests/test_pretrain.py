@@ -196,7 +196,7 @@ def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
 
 def test_lean_expert_path_equals_the_megatron_path_and_resumes_its_checkpoint(tmp_path):
     """--moe-null-expert-path lean on Megatron's loop: the same first loss as the Megatron
-    path (same initial weights); a Megatron-path checkpoint of iteration 2 resumed on the
+    path (same initial weights; the worst-case buffer); a Megatron-path checkpoint of iteration 2 resumed on the
     lean path (weights and Megatron's default optimizer state carry across) gives the
     uninterrupted run's losses at iterations 3 and 4; the lean path saves the experts in
     SequentialMLP's layout."""
@@ -205,8 +205,10 @@ def test_lean_expert_path_equals_the_megatron_path_and_resumes_its_checkpoint(tm
         directory.mkdir()
     run_pretrain(megatron, "--train-iters", "4", "--save", str(megatron / "ckpt"),
                  "--save-interval", "2")
-    output = run_pretrain(fresh, "--moe-null-expert-path", "lean", "--train-iters", "1")
-    assert "null real fraction" in output and "; expert path lean." in output
+    output = run_pretrain(fresh, "--moe-null-expert-path", "lean", "--moe-null-lean-buffer",
+                          "worst-case", "--train-iters", "1")  # the resumed run: auto
+    assert "null real fraction" in output
+    assert "; lean buffers worst-case; expert path lean." in output
     (megatron / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
     run_pretrain(resumed, "--train-iters", "4", "--load", str(megatron / "ckpt"),
                  "--moe-null-expert-path", "lean", "--save", str(resumed / "ckpt"),

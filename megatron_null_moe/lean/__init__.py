@@ -1,7 +1,8 @@
-"""The lean expert path (``--moe-null-expert-path lean``): real assignments only, no host wait.
+"""The lean expert path (``--moe-null-expert-path lean``): real assignments only, and no host
+wait where a GPU needs none (EP = 1, the worst-case buffer).
 
-- ``permute``: pure functions, the device-side sort of the [T, K] slots into a worst-case
-  buffer and the gathers/scatters in and out of it.
+- ``permute``: pure functions, the device-side sort of the [T, K] slots and the
+  gathers/scatters in and out of a buffer of the real rows or of the worst case.
 - ``grouped_gemm``, ``fp8``: grouped GEMMs over stacked expert weights with device offsets
   (BF16/FP32 ``torch.nn.functional.grouped_mm``; E4M3 ``torch._scaled_grouped_mm``).
 - ``experts``: LeanGroupedExperts, checkpoint-compatible with Megatron's experts.

@@ -1,14 +1,23 @@
-"""LeanTokenDispatcher: sends and computes only real assignments without waiting on the host.
+"""LeanTokenDispatcher: sends and computes only real assignments, waiting on the host only
+where the count is there anyway.
 
 Megatron's dispatcher phases (``MoETokenDispatcher``), paired with LeanGroupedExperts:
 
-- EP = 1: a device-side stable sort puts the real assignments of the [T, K] slots first, in
-  a buffer of the worst-case R = T*K rows (``permute.py``); tokens per expert stay on the
-  device and become the grouped GEMMs' offsets. No step reads anything back to the host.
-- EP > 1: the same sort; then, as upstream's alltoall dispatcher does in its preprocessing,
-  the per-expert counts are all-gathered over the EP group and read back once: the
-  all-to-all needs its split sizes on the host. That is the only host wait. Exactly the real
-  rows are sent; received rows are sorted by local expert on the device.
+- A device-side stable sort puts the real assignments of the [T, K] slots first, in
+  Megatron's order (``permute.py``); tokens per expert stay on the device and become the
+  grouped GEMMs' offsets.
+- EP = 1, buffers (``--moe-null-lean-buffer``, NullExpertConfig.lean_buffer):
+  "worst-case" holds all R = T*K rows, and no step reads anything back to the host (a GPU
+  can capture the layer in a CUDA graph); the null slots' rows are carried through the
+  gathers, the activation, the routing-weight multiply and their backward. "real-rows"
+  reads the real count on the host and holds only the real rows: one sync per layer and
+  micro-batch on a GPU, free for CPU tensors. "auto" (default): real-rows for CPU tensors,
+  worst-case on a GPU.
+- EP > 1: as upstream's alltoall dispatcher does in its preprocessing, the per-expert counts
+  are all-gathered over the EP group and read back once: the all-to-all needs its split
+  sizes on the host. That is the only host wait, and it gives the real count: only real rows
+  are gathered, sent and computed, whatever the buffer setting. Received rows are sorted by
+  local expert on the device.
 
 Legend: T tokens, H hidden, N experts, L local experts, E expert-parallel ranks.
 """
@@ -20,6 +29,7 @@ import torch
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_null_moe.config import LEAN_BUFFER_FLAG, LEAN_BUFFERS
 from megatron_null_moe.lean.permute import (
     AssignmentOrder,
     gather_probs,
@@ -34,15 +44,20 @@ from megatron_null_moe.traffic import AllToAllTraffic
 
 
 class LeanTokenDispatcher(MoETokenDispatcher):
-    """Sync-free (EP = 1) or one-sync (EP > 1) dispatch of real assignments only.
+    """Dispatch of real assignments with at most one host wait (none: EP = 1, worst-case).
 
     Its experts must accept an input with unused rows after the real ones and tokens per
     expert on the device (LeanGroupedExperts). Expert tensor parallelism is refused at build.
+    lean_buffer: one of config.LEAN_BUFFERS (see the module docstring).
     """
 
     def __init__(self, num_local_experts: int, local_expert_indices: List[int], config,
-                 pg_collection=None):
+                 pg_collection=None, lean_buffer: str = "auto"):
         super().__init__(config=config, pg_collection=pg_collection)
+        if lean_buffer not in LEAN_BUFFERS:
+            raise ValueError(f"lean_buffer ({LEAN_BUFFER_FLAG})={lean_buffer!r}; allowed: "
+                             f"{', '.join(LEAN_BUFFERS)}.")
+        self.lean_buffer = lean_buffer
         self.num_local_experts = num_local_experts
         self.num_experts = config.num_moe_experts
         self.first_local_expert = local_expert_indices[0]
@@ -62,20 +77,29 @@ class LeanTokenDispatcher(MoETokenDispatcher):
                             probs: torch.Tensor):
         """Sort the real assignments by expert: ([rows, H] tokens, [rows] routing weights).
 
-        hidden_states [S, B, H]; routing_map bool [T, N]; probs [T, N]. rows = T*K with
-        EP = 1, the real assignments' count with EP > 1 (after the split-size exchange).
+        hidden_states [S, B, H]; routing_map bool [T, N]; probs [T, N]. rows = T*K for the
+        worst-case buffer, else the real assignments' count.
         """
         self.hidden_shape = hidden_states.shape
         self.routing_map = routing_map
         tokens_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self.order = sort_assignments(slot_experts(routing_map, self.topk), self.num_experts)
-        num_rows = None
+        order = sort_assignments(slot_experts(routing_map, self.topk), self.num_experts)
         if self.ep_size > 1:
-            num_rows = self._exchange_split_sizes(self.order.tokens_per_expert_N)
+            order = order.real_rows(self._exchange_split_sizes(order.tokens_per_expert_N))
         else:
-            self.tokens_per_expert = self.order.tokens_per_expert_N
-        return (gather_rows(tokens_TH, self.order, num_rows),
-                gather_probs(probs, self.order, num_rows))
+            self.tokens_per_expert = order.tokens_per_expert_N
+            if self.holds_real_rows_only(tokens_TH.device):
+                # The one host read of this mode: the buffers' size (free for CPU tensors).
+                order = order.real_rows(int(order.tokens_per_expert_N.sum()))
+        self.order = order
+        return gather_rows(tokens_TH, order), gather_probs(probs, order)
+
+    def holds_real_rows_only(self, device: torch.device) -> bool:
+        """Whether the buffers at EP = 1 hold the real rows only (the count read on the host)
+        rather than the worst case of T*K rows (no host read)."""
+        if self.lean_buffer == "auto":
+            return device.type == "cpu"
+        return self.lean_buffer == "real-rows"
 
     def _exchange_split_sizes(self, tokens_per_expert_N: torch.Tensor) -> int:
         """All-gather every rank's per-expert counts; returns the number of rows to send."""

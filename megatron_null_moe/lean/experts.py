@@ -155,10 +155,12 @@ class LeanGroupedExperts(MegatronModule):
         """
         if permuted_hidden_MH.shape[0] == 0:
             # Grouped GEMM backward needs a row; it lies past every offset, so it is ignored
-            # and the weights still get (zero) gradients.
+            # and the weights still get (zero) gradients. The routing weights stay in the
+            # graph: the router's balance and z-losses reach the backward through them.
             padded = torch.cat([permuted_hidden_MH, permuted_hidden_MH.new_zeros(
                 1, permuted_hidden_MH.shape[1])])
-            output, _ = self.forward(padded, tokens_per_expert_L, permuted_probs_M.new_zeros(1))
+            padded_probs = torch.cat([permuted_probs_M, permuted_probs_M.new_zeros(1)])
+            output, _ = self.forward(padded, tokens_per_expert_L, padded_probs)
             return output[:0], None
         offsets_L = grouped_offsets(tokens_per_expert_L, permuted_hidden_MH.device)
         fp8 = fp8_active(self.config)

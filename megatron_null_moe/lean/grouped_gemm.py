@@ -6,8 +6,8 @@ rows past ``offsets_G[-1]`` are neither read nor written (their output is undefi
 
 Undefined means uninitialised: torch allocates grouped GEMM outputs with ``empty_strided``, so
 unused rows may hold NaN or Inf bit patterns (also in gradients). They never reach outputs or
-gradients (they go to dropped padding rows, and their routing-weight gradients are dropped by
-a ``where`` in ``permute.gather_probs``, never multiplied by zero), but
+gradients (they go to dropped padding rows, and their routing-weight gradients to a dropped
+zero past the end of the probs in ``permute.gather_probs``, never multiplied by zero), but
 ``torch.autograd.detect_anomaly`` checks every backward node's whole output and can flag
 them. Zeroing them would cost a masked pass over every [M, N] buffer,
 forward and backward, so they are left as they are.

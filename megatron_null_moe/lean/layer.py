@@ -6,7 +6,8 @@ from megatron_null_moe.lean.support import validate_lean_layer
 
 
 class LeanNullExpertMoELayer(NullExpertMoELayer):
-    """NullExpertMoELayer whose dispatch never waits on the host with EP = 1 (once with EP > 1).
+    """NullExpertMoELayer whose dispatch waits on the host at most once (never with EP = 1 and
+    the worst-case buffer, see LeanTokenDispatcher).
 
     Its spec's experts must be LeanGroupedExperts (``with_null_experts(...,
     expert_path="lean")`` sets both).
@@ -21,3 +22,9 @@ class LeanNullExpertMoELayer(NullExpertMoELayer):
     @staticmethod
     def dispatcher_class(config):
         return LeanTokenDispatcher
+
+    def build_token_dispatcher(self, config, pg_collection):
+        """LeanTokenDispatcher with the buffer setting of the router's NullExpertConfig."""
+        return LeanTokenDispatcher(
+            self.num_local_experts, self.local_expert_indices, config=config,
+            pg_collection=pg_collection, lean_buffer=self.router.null_config.lean_buffer)
