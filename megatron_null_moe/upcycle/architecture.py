@@ -184,7 +184,7 @@ def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
         # loader compares the value.
         position_embedding_type="rope", add_position_embedding=True,
         rotary_base=dense.rotary_base, normalization=dense.normalization,
-        norm_epsilon=dense.norm_epsilon, qk_layernorm=dense.qk_layernorm,
+        layernorm_epsilon=dense.norm_epsilon, qk_layernorm=dense.qk_layernorm,
         swiglu=dense.gated_linear_unit, add_bias_linear=False, add_qkv_bias=dense.add_qkv_bias,
         untie_embeddings_and_output_weights=not dense.tie_embeddings,
         padded_vocab_size=dense.vocab_size, init_method_std=dense.init_method_std,
