@@ -110,8 +110,10 @@ def moe_layer_pattern(dense: DenseArchitecture, moe: MoEShape) -> Union[int, Lis
 
 
 def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
-                    params_dtype: torch.dtype = torch.float32) -> GPTModel:
-    """The dense GPTModel, or the null-expert MoE one, on Megatron's local spec (TP=PP=EP=1).
+                    params_dtype: torch.dtype = torch.float32,
+                    expert_path: str = "megatron") -> GPTModel:
+    """The dense GPTModel, or the null-expert MoE one, on Megatron's local spec (TP=PP=EP=1;
+    expert_path: with_null_experts').
 
     Needs Megatron's process groups (e.g. ``single_process_parallel_state("cpu")``).
     """
@@ -123,7 +125,7 @@ def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
         spec = with_null_experts(
             get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                        normalization=dense.normalization),
-            moe.null_config,
+            moe.null_config, expert_path=expert_path,
         )
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=dense.vocab_size,
