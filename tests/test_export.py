@@ -162,9 +162,10 @@ def test_export_equals_megatron_model(runs, layout):
     source = runs.trained(layout)
     exported = runs.exported(source)
     reference = runs.megatron(source, LAYOUTS[layout][2])
-    biases = [float(router.null_selection_bias) for router in
-              (layer.mlp.router for layer in reference.decoder.layers)]
-    assert all(abs(bias) > 1e-3 for bias in biases)  # the controller's bias is in the choice
+    start = runs.megatron(runs.upcycled("paper-like", *PAPER_LIKE))
+    for layer, started in zip(reference.decoder.layers, start.decoder.layers):
+        bias = float(layer.mlp.router.null_selection_bias)  # the controller has moved it
+        assert abs(bias) > 0.1 and abs(bias - float(started.mlp.router.null_selection_bias)) > 0.01
     model = hugging_face(exported)
     assert type(model).__name__ == "Qwen3NullMoeForCausalLM"
     rows = {}
@@ -401,7 +402,14 @@ def test_refusals_name_the_problem_and_write_nothing(runs, tmp_path):
         (truncated / "release" / path.name).write_bytes(
             content[: len(content) // 2] if path.suffix == ".distcp" else content)
     (truncated / checkpoint.TRACKER).write_text("release")
-    refused(r"--checkpoint .*release: its tensors cannot be loaded", "--checkpoint", truncated)
+    refused(r"--checkpoint .*release: its tensors cannot be read", "--checkpoint", truncated)
+    narrower = checkpoint_args(dense, moe)
+    narrower.moe_ffn_hidden_size = 32  # the tensors are 64 wide
+    with checkpoint.staged_outputs([("--output", tmp_path / "narrower")]) as (directory,):
+        checkpoint.save_release_checkpoint(skeleton, narrower, directory, [], {})
+    refused(r"tensor 'decoder.layers.mlp.experts.experts.linear_fc1.weight' has shape "
+            r"\(2, 4, 128, 64\); the model its args describe needs \(2, 4, 64, 64\)",
+            "--checkpoint", tmp_path / "narrower")
 
 
 TINY_MOE = MoEShape(num_experts=4, expert_ffn_hidden_size=64, topk=2,

@@ -42,10 +42,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-# Bounds on the export's memory: tensor bytes held before a shard is written, and loaded
-# from the checkpoint at once (or one checkpoint key, when larger).
+# Tensor bytes held before a shard is written: with one layer read at a time, the bound on
+# the export's memory.
 MAX_SHARD_BYTES = 2 * 2**30
-MAX_BATCH_BYTES = 2**30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,12 +91,11 @@ def export(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else \
         torch.bfloat16 if source_dtype == torch.bfloat16 else torch.float32
     with checkpoint.staged_outputs([("--output", args.output)]) as (staging,):
-        # Built from the args, never filled: its parameters take host memory only as the
-        # checkpoint's layers are loaded into them, one at a time.
+        # Built from the args and never filled: it names the checkpoint's keys and regions.
         skeleton = build_gpt_model(model.dense, model.moe, params_dtype=source_dtype)
         shards = SafetensorsShards(staging, MAX_SHARD_BYTES)
-        for megatron_name, megatron_tensor in checkpoint_tensors(
-                skeleton, directory, model.per_layer_keys, MAX_BATCH_BYTES):
+        for megatron_name, megatron_tensor in checkpoint_tensors(skeleton, directory,
+                                                                 model.per_layer_keys):
             for name, tensor in hugging_face_tensors(megatron_name, megatron_tensor, model):
                 shards.add(name, tensor, exported_dtype(name, dtype))
         index = shards.close()

@@ -1,21 +1,35 @@
-"""Read a null-expert MoE Megatron checkpoint a few tensors at a time.
+"""Read a null-expert MoE Megatron checkpoint one layer at a time.
 
 A torch_dist checkpoint stores global tensors, so one saved at any TP/PP/EP and on either
-expert path (the lean path saves Megatron's keys) loads into a TP=PP=EP=1 GPTModel built
-from its args. The export builds that model without filling it (its parameters are
-allocated but untouched, so they take no host memory) and loads the checkpoint's tensors a
-few keys at a time, releasing each batch once written: the host holds at most the largest
-key (with stacked layers: one weight of every layer) beside the shard being written.
+expert path (the lean path saves Megatron's keys) reads as a TP=PP=EP=1 GPTModel built from
+its args. The export builds that model without filling it (its parameters are allocated but
+never touched, so they take no host memory): its sharded state dict names each tensor's
+checkpoint key and region, and the tensors are read one layer at a time, so the host holds
+one layer beside the shard being written.
 """
 
 import dataclasses
+import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.distributed.checkpoint as torch_checkpoint
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+    apply_factories,
+    apply_factory_merges,
+)
 
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.upcycle.architecture import DenseArchitecture, MoEShape
@@ -110,58 +124,90 @@ def moe_model(directory: Path, args) -> MoEModel:
                     per_layer_keys=not isinstance(frequency, int) or frequency > 1)
 
 
-def checkpoint_tensors(model: torch.nn.Module, directory: Path, per_layer_keys: bool,
-                       batch_bytes: int) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Megatron GPTModel name, tensor) of every tensor the export needs, from the checkpoint
-    in ``directory``, loaded a few checkpoint keys at a time (about ``batch_bytes``, or one
-    key). ``model`` (TP=PP=EP=1, built from the checkpoint's args) gives the keys; its
-    parameters of a batch are released once the caller has taken their tensors.
+_LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.")
 
-    A batch holds whole keys: Megatron's loader in one process reads a key's other layers
-    (other ranks' shards, where it is one of several) as its own, so a stacked key (all
-    layers under one name) is loaded whole.
-    """
+
+def checkpoint_tensors(model: torch.nn.Module, directory: Path, per_layer_keys: bool
+                       ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Megatron GPTModel name, tensor) of every tensor the export needs, from the checkpoint
+    in ``directory``, one layer at a time (the tensors outside the layers first). ``model``
+    (TP=PP=EP=1, built from the checkpoint's args, never filled) gives the names, keys and
+    regions; the tensors are read into memory of their own, a layer's released as the caller
+    moves on to the next."""
     metadata = dict(dist_checkpointing.load_content_metadata(str(directory)) or {})
     if per_layer_keys:  # also for a --moe-layer-freq list of ones, which the model reads as 1
         metadata["non_homogeneous_layers"] = True
     try:
-        available = dist_checkpointing.load_tensors_metadata(str(directory))
+        stored = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     except LOAD_ERRORS as error:
         _refuse(directory, f"its tensor metadata cannot be read ({type(error).__name__}: "
                            f"{str(error)[:300]}).")
-    by_key: Dict[str, Dict] = {}
+    layers: Dict[Optional[int], Dict] = {}
     for name, entry in sharded_state_dict(model, metadata).items():
         if isinstance(entry, ShardedObject) or name.endswith(NOT_EXPORTED):
             continue  # _extra_state of Transformer Engine layers, controller state
-        entry = _checkpoint_entry(directory, entry, available)
-        by_key.setdefault(entry.key, {})[name] = entry
-    releasable = dict(model.named_parameters())
-    for batch in _batches(list(by_key.values()), batch_bytes):
-        try:
-            loaded = dist_checkpointing.load(batch, str(directory))
-        except LOAD_ERRORS as error:
-            _refuse(directory, f"its tensors cannot be loaded into the model its args describe "
-                               f"({type(error).__name__}: {str(error)[:300]}).")
-        yield from ((name, loaded[name]) for name in batch)  # loaded has the common state too
-        del loaded
-        for name in batch:
-            if name in releasable:
-                releasable.pop(name).data = torch.empty(0)
+        match = _LAYER_NAME.match(name)
+        layers.setdefault(int(match.group(1)) if match else None, {})[name] = \
+            _checkpoint_entry(directory, entry, stored)
+    for layer in sorted(layers, key=lambda layer: -1 if layer is None else layer):
+        yield from read_regions(directory, layers.pop(layer), stored).items()
 
 
-def _batches(keys: List[Dict], batch_bytes: int) -> Iterator[Dict]:
-    """The entries of consecutive keys merged while they stay within ``batch_bytes``."""
-    batch, size = {}, 0
-    for entries in keys:
-        key_bytes = sum(entry.data.numel() * entry.data.element_size()
-                        for entry in entries.values())
-        if batch and size + key_bytes > batch_bytes:
-            yield batch
-            batch, size = {}, 0
-        batch.update(entries)
-        size += key_bytes
-    if batch:
-        yield batch
+def read_regions(directory: Path, entries: Dict, stored: Dict) -> Dict[str, torch.Tensor]:
+    """{name: tensor} of Megatron's ShardedTensors (and factories) ``entries``, each read from
+    its region of its checkpoint key (all TP/PP/EP shards that overlap it).
+
+    Megatron's loader cannot read part of a key in one process: it describes the key's other
+    regions as other ranks' shards, which in a world of one are its own. So the regions go
+    to torch's checkpoint reader, with a planner that reads each one.
+    """
+    factories = {name: entry for name, entry in entries.items()
+                 if isinstance(entry, ShardedTensorFactory)}
+    built = dict(entries)
+    apply_factories(built)
+    targets, regions = {}, {}
+
+    def target(sharded: ShardedTensor) -> torch.Tensor:
+        if tuple(stored[sharded.key].size) != tuple(sharded.global_shape):
+            _refuse(directory, f"tensor {sharded.key!r} has shape "
+                               f"{tuple(stored[sharded.key].size)}; the model its args "
+                               f"describe needs {tuple(sharded.global_shape)}.")
+        name = f"{sharded.key}/{len(targets)}"
+        targets[name] = torch.empty((1,) * sharded.prepend_axis_num + tuple(sharded.local_shape),
+                                    dtype=sharded.dtype)
+        regions[name] = (sharded.key, tuple(sharded.global_offset))
+        return targets[name].view(sharded.local_shape)
+
+    loaded = dict_list_map_inplace(target, built)
+    try:
+        torch_checkpoint.load(targets, storage_reader=FileSystemReader(str(directory)),
+                              planner=_RegionLoadPlanner(regions), no_dist=True)
+    except LOAD_ERRORS as error:
+        _refuse(directory, f"its tensors cannot be read ({type(error).__name__}: "
+                           f"{str(error)[:300]}).")
+    return apply_factory_merges(loaded, factories)
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Reads each target tensor from the region of a checkpoint key, regions[name] = (key,
+    offsets); DCP's default planner reads a plain tensor as a whole key."""
+
+    def __init__(self, regions: Dict[str, Tuple[str, Tuple[int, ...]]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.regions = regions
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for name, tensor in self.state_dict.items():
+            key, offsets = self.regions[name]
+            region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.size())
+            items += [dataclasses.replace(item, dest_index=dataclasses.replace(
+                item.dest_index, fqn=name)) for item in create_read_items_for_chunk_list(
+                key, self.metadata.state_dict_metadata[key], [region])]
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
 
 
 def _checkpoint_entry(directory: Path, entry, available: Dict):
