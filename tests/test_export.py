@@ -9,7 +9,6 @@ loading the same checkpoint, on the path it was trained on). Checkpoints, export
 are made on first use and shared by the tests.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -262,6 +261,10 @@ def test_bf16_export_keeps_the_selection_bias_in_fp32(runs):
         assert torch.equal(bias, megatron_layer.mlp.router.null_selection_bias)
         layer.mlp.gate.register_forward_hook(lambda module, inputs, output:
                                              maps.append(output[2]))
+    cast = hugging_face(runs.exported(source)).bfloat16()  # Module.bfloat16() keeps it too
+    for layer, cast_layer in zip(model.model.layers, cast.model.layers):
+        assert torch.equal(cast_layer.mlp.gate.null_selection_bias,
+                           layer.mlp.gate.null_selection_bias)
     with torch.no_grad():
         output = model(TOKENS).logits.float()
     difference = (output - logits(reference, TOKENS)).abs()
@@ -308,6 +311,10 @@ def test_dense_layers_stay_qwen3_mlps(runs):
     with torch.no_grad():
         output = model(TOKENS, output_real_experts_per_token=True)
     assert len(output.real_experts_per_token) == 1
+    from transformers import AutoModel
+
+    assert type(AutoModel.from_pretrained(exported, trust_remote_code=True)).__name__ == \
+        "Qwen3NullMoeModel"
     reference = runs.megatron(source)
     assert (output.logits - logits(reference, TOKENS)).abs().max() < LOGIT_TOLERANCE
     assert torch.equal(output.real_experts_per_token[0],
@@ -423,7 +430,7 @@ TINY_MOE = MoEShape(num_experts=4, expert_ffn_hidden_size=64, topk=2,
       for (flag, name, allowed), value in zip(UNSUPPORTED_MOE_SETTINGS, (
           "sigmoid", True, 4, 2, True, 1.25, True, True, 32))],
     ("normalization", "LayerNorm", r"--normalization='LayerNorm': the export writes Qwen3-MoE "
-                                   r"layers, which need 'RMSNorm'"),
+                                   r"layers; allowed: 'RMSNorm'"),
     ("qk_layernorm", False, r"--qk-layernorm=False: .* allowed: True"),
     ("swiglu", False, r"--swiglu=False: .* allowed: True"),
     ("add_qkv_bias", True, r"--add-qkv-bias=True: .* allowed: False"),

@@ -97,8 +97,8 @@ def moe_model(directory: Path, args) -> MoEModel:
                                  ("--swiglu", dense.gated_linear_unit, True),
                                  ("--add-qkv-bias", dense.add_qkv_bias, False)):
         if value != allowed:
-            _refuse(directory, f"{flag}={value!r}: the export writes Qwen3-MoE layers, which "
-                               f"need {allowed!r}; allowed: {allowed!r}.")
+            _refuse(directory, f"{flag}={value!r}: the export writes Qwen3-MoE layers; "
+                               f"allowed: {allowed!r}.")
     refuse_unsupported(directory, args, UNSUPPORTED_MOE_SETTINGS, CHECKPOINT_FLAG)
     if getattr(args, "moe_router_load_balancing_type", None) == "sinkhorn":
         _refuse(directory, "--moe-router-load-balancing-type='sinkhorn' routes by sigmoid "

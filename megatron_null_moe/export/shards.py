@@ -17,8 +17,8 @@ INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsShards:
-    """``add`` tensors in any order (each name once); ``close`` writes the last shard and the index, names
-    the files model-0000I-of-0000N.safetensors and returns the index."""
+    """``add`` tensors in any order (each name once); ``close`` writes the last shard and the
+    index, names the files model-0000I-of-0000N.safetensors and returns the index."""
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = directory

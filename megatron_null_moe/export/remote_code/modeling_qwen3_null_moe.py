@@ -60,6 +60,15 @@ class Qwen3NullMoeRouter(Qwen3MoeTopKRouter):
             self.null_weight = nn.Parameter(torch.zeros(1, self.hidden_dim))
             self.register_buffer("null_selection_bias", torch.zeros(1, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # Module.bfloat16()/half() cast every floating buffer; the selection bias, a threshold
+        # on fp32 logits, keeps its fp32 value (it only follows the device).
+        bias = self._buffers.get("null_selection_bias")
+        super()._apply(fn, recurse)
+        if bias is not None and self.null_selection_bias.dtype != bias.dtype:
+            self.null_selection_bias = bias.to(device=self.null_selection_bias.device)
+        return self
+
     def forward(self, hidden_states: torch.Tensor):
         hidden_TH = hidden_states.reshape(-1, self.hidden_dim)
         weight = self.weight
