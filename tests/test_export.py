@@ -322,9 +322,10 @@ def test_dense_layers_stay_qwen3_mlps(runs):
 
 
 def test_round_trip_loads_and_generates_without_megatron(runs, tmp_path):
-    """transformers Qwen3 -> upcycle -> train -> export (the command line) -> the example,
-    in a process where Megatron and this package cannot be imported: it loads the export,
-    generates what the Megatron model generates, and prints the real experts it spent."""
+    """transformers Qwen3 -> upcycle -> train -> export (the command line) -> transformers,
+    in a process where Megatron and this package cannot be imported: its logits equal the
+    Megatron model's, and the example generates what the Megatron model generates and
+    prints the real experts it spent."""
     source = runs.trained("one-process-megatron")
     output = tmp_path / "exported"
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -337,7 +338,13 @@ def test_round_trip_loads_and_generates_without_megatron(runs, tmp_path):
                      result.stdout), result.stdout
     assert (output / "pool_routing.py").read_text() == Path(pool_routing.__file__).read_text()
     prompt = PROMPTS[0]
-    script = ("import runpy, sys; sys.modules.update(megatron=None, megatron_null_moe=None); "
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    script = ("import runpy, sys, torch; "
+              "sys.modules.update(megatron=None, megatron_null_moe=None); "
+              "from transformers import AutoModelForCausalLM; "
+              f"model = AutoModelForCausalLM.from_pretrained({str(output)!r}, "
+              "trust_remote_code=True); "
+              "torch.save(model(torch.load('tokens.pt')).logits, 'logits.pt'); "
               f"sys.argv = ['generate', {str(output)!r}, '--prompt', "
               f"{' '.join(f't{t}' for t in prompt.tolist())!r}]; "
               f"runpy.run_path({str(ROOT / 'examples' / 'generate_from_export.py')!r}, "
@@ -347,6 +354,8 @@ def test_round_trip_loads_and_generates_without_megatron(runs, tmp_path):
                             env=dict(environment, PYTHONPATH="", HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "custom code" not in result.stdout + result.stderr  # no question asked
+    expected = logits(runs.megatron(source), TOKENS)
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() < LOGIT_TOLERANCE
     generated = re.search(r"generated token ids: \[(.*)\]", result.stdout).group(1)
     assert [int(t) for t in generated.split(",")] == megatron_greedy(runs.megatron(source),
                                                                       prompt)
