@@ -502,3 +502,16 @@ def test_checkpoint_keyed_by_transformer_engine_is_read(runs):
     with pytest.raises(ValueError, match=r"tensor 'decoder.layers.mlp.linear_fc1."
                                          r"layer_norm_weight' is missing"):
         _checkpoint_entry(source, entry, {})
+
+
+def test_norm_epsilon_is_read_under_megatron_name_and_the_upcycler_old_one():
+    """Megatron's args call --norm-epsilon layernorm_epsilon (what training checkpoints
+    carry); upcycler checkpoints written before 2026-12-05 call it norm_epsilon."""
+    from megatron_null_moe.upcycle.checkpoint import gpt_architecture
+
+    args = checkpoint_args(TINY, TINY_MOE)
+    assert _megatron_defaults()["layernorm_epsilon"][0] == ["--norm-epsilon"]
+    assert gpt_architecture(Path("ckpt"), args).norm_epsilon == TINY.norm_epsilon
+    args.norm_epsilon = args.layernorm_epsilon
+    del args.layernorm_epsilon
+    assert gpt_architecture(Path("ckpt"), args).norm_epsilon == TINY.norm_epsilon
