@@ -12,7 +12,6 @@ and each layer's router start) beside it.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import resource
@@ -182,31 +181,11 @@ def refuse_existing_outputs(args: argparse.Namespace) -> None:
                          "written side by side).")
 
 
-@contextlib.contextmanager
-def cpu_process_groups(seed: int):
-    """Megatron's process groups for one CPU process (also where CUDA exists: the
-    conversion is host-memory work)."""
-    from megatron_null_moe.cpu import (
-        cpu_harness,
-        destroy_cpu_parallel_state,
-        init_cpu_parallel_state,
-    )
-    from megatron_null_moe.training_hooks import single_process_environment
-
-    single_process_environment()
-    with cpu_harness(force=True):
-        init_cpu_parallel_state(seed=seed)
-        try:
-            yield
-        finally:
-            destroy_cpu_parallel_state()
-
-
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with cpu_process_groups(args.seed):
+        with checkpoint.cpu_process_groups(args.seed):
             report = upcycle(args)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

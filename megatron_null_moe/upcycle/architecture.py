@@ -110,8 +110,10 @@ def moe_layer_pattern(dense: DenseArchitecture, moe: MoEShape) -> Union[int, Lis
 
 
 def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
-                    params_dtype: torch.dtype = torch.float32) -> GPTModel:
-    """The dense GPTModel, or the null-expert MoE one, on Megatron's local spec (TP=PP=EP=1).
+                    params_dtype: torch.dtype = torch.float32,
+                    expert_path: str = "megatron") -> GPTModel:
+    """The dense GPTModel, or the null-expert MoE one, on Megatron's local spec (TP=PP=EP=1;
+    expert_path: with_null_experts').
 
     Needs Megatron's process groups (e.g. ``single_process_parallel_state("cpu")``).
     """
@@ -123,7 +125,7 @@ def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
         spec = with_null_experts(
             get_gpt_decoder_block_spec(config, use_transformer_engine=False,
                                        normalization=dense.normalization),
-            moe.null_config,
+            moe.null_config, expert_path=expert_path,
         )
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=dense.vocab_size,
@@ -184,7 +186,7 @@ def checkpoint_args(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
         # loader compares the value.
         position_embedding_type="rope", add_position_embedding=True,
         rotary_base=dense.rotary_base, normalization=dense.normalization,
-        norm_epsilon=dense.norm_epsilon, qk_layernorm=dense.qk_layernorm,
+        layernorm_epsilon=dense.norm_epsilon, qk_layernorm=dense.qk_layernorm,
         swiglu=dense.gated_linear_unit, add_bias_linear=False, add_qkv_bias=dense.add_qkv_bias,
         untie_embeddings_and_output_weights=not dense.tie_embeddings,
         padded_vocab_size=dense.vocab_size, init_method_std=dense.init_method_std,

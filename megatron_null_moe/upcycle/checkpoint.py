@@ -1,7 +1,8 @@
 """Megatron torch_dist checkpoints: read a dense GPT one, write the upcycled one atomically.
 
 torch_dist stores global (unsharded) tensors, so a dense checkpoint saved with any TP/PP
-loads into a TP=1/PP=1 model built from its args. The upcycled checkpoint is written as
+loads into a TP=1/PP=1 model built from its args (the export reads MoE checkpoints with the
+same pieces: directory, args, architecture, process groups). The upcycled checkpoint is written as
 Megatron's own converters write one: a ``release`` directory and a tracker file reading
 ``release``, so ``--load`` (or ``--pretrained-checkpoint``) starts at iteration 0 with a
 fresh optimizer and RNG; the keys come from the model's ``sharded_state_dict``.
@@ -12,7 +13,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -30,36 +31,47 @@ CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix
 LOAD_ERRORS = (Exception, CheckpointException)
 
 
-def _refuse(directory, what: str) -> None:
-    raise ValueError(f"{MEGATRON_FLAG} {directory}: {what}")
+def _refuse(directory, what: str, flag: str = MEGATRON_FLAG) -> None:
+    raise ValueError(f"{flag} {directory}: {what}")
 
 
-def checkpoint_directory(directory: Path) -> Path:
-    """The directory holding the dist checkpoint: the tracked iteration of a save directory,
-    or ``directory`` itself when it is one (an iter_XXXXXXX or release directory)."""
+def checkpoint_directory(directory: Path, iteration: Optional[int] = None,
+                         flag: str = MEGATRON_FLAG) -> Path:
+    """The directory holding the dist checkpoint: iteration ``iteration`` of a save directory
+    (None: the tracked one), or ``directory`` itself when it is one (an iter_XXXXXXX or
+    release directory)."""
     tracker = directory / TRACKER
-    if tracker.is_file():
+    if iteration is not None:
+        saved = sorted(int(path.name[5:]) for path in directory.glob("iter_*")
+                       if path.name[5:].isdigit())
+        if iteration not in saved:
+            _refuse(directory, f"no iteration {iteration} (no iter_{iteration:07d}); allowed: "
+                               f"{', '.join(map(str, saved)) or 'none saved there'}.", flag)
+        directory = directory / f"iter_{iteration:07d}"
+    elif tracker.is_file():
         marker = tracker.read_text().strip()
         name = "release" if marker == "release" else f"iter_{int(marker):07d}" \
             if marker.isdigit() else None
         if name is None:
-            _refuse(directory, f"{TRACKER} reads {marker!r}; allowed: an iteration or 'release'.")
+            _refuse(directory, f"{TRACKER} reads {marker!r}; allowed: an iteration or "
+                               "'release'.", flag)
         directory = directory / name
     if not (directory / "metadata.json").is_file():
         _refuse(directory, "not a Megatron torch_dist checkpoint (no metadata.json); allowed: "
                            "a --save directory or one of its iteration directories, saved "
-                           "with --ckpt-format torch_dist.")
+                           "with --ckpt-format torch_dist.", flag)
     return directory
 
 
-def read_args(directory: Path):
+def read_args(directory: Path, flag: str = MEGATRON_FLAG):
     """The training args stored in a dist checkpoint's common state."""
     try:
         common = dist_checkpointing.load_common_state_dict(str(directory))
     except LOAD_ERRORS as error:
-        _refuse(directory, f"its common state cannot be read ({error}).")
+        _refuse(directory, f"its common state cannot be read ({error}).", flag)
     if not isinstance(common, dict) or common.get("args") is None:
-        _refuse(directory, "the checkpoint carries no training args ('args' in its common state).")
+        _refuse(directory, "the checkpoint carries no training args ('args' in its common "
+                           "state).", flag)
     return common["args"]
 
 
@@ -96,21 +108,35 @@ UNSUPPORTED_SETTINGS = (
 
 
 def dense_architecture(directory: Path, args) -> DenseArchitecture:
-    """DenseArchitecture of a Megatron GPT checkpoint's args; other models are refused."""
+    """DenseArchitecture of a dense Megatron GPT checkpoint's args; other models are refused."""
     if getattr(args, "num_experts", None):
         _refuse(directory, f"already a mixture of experts (--num-experts {args.num_experts}); "
                            "allowed: a dense GPT checkpoint.")
-    if getattr(args, "add_bias_linear", False):  # Megatron's default, off by a flag
-        _refuse(directory, "linear biases (saved without --disable-bias-linear) are not "
-                           "supported; allowed: a checkpoint trained with --disable-bias-linear.")
-    for flag, name, allowed in UNSUPPORTED_SETTINGS:
+    return gpt_architecture(directory, args)
+
+
+def refuse_unsupported(directory: Path, args, settings, flag: str = MEGATRON_FLAG) -> None:
+    """ValueError naming the first of ``settings`` ((flag, args name, allowed) as in
+    UNSUPPORTED_SETTINGS) whose value in ``args`` is not the allowed one."""
+    for setting_flag, name, allowed in settings:
         value = getattr(args, name, allowed)
         if value != allowed and not (allowed is None and not value):
-            _refuse(directory, f"{flag}={value!r} is not supported; allowed: {allowed!r}.")
+            _refuse(directory, f"{setting_flag}={value!r} is not supported; allowed: "
+                               f"{allowed!r}.", flag)
+
+
+def gpt_architecture(directory: Path, args, flag: str = MEGATRON_FLAG) -> DenseArchitecture:
+    """DenseArchitecture of a Megatron GPT checkpoint's args, dense or MoE (its attention,
+    norms and FFN); settings it does not carry are refused."""
+    if getattr(args, "add_bias_linear", False):  # Megatron's default, off by a flag
+        _refuse(directory, "linear biases (saved without --disable-bias-linear) are not "
+                           "supported; allowed: a checkpoint trained with --disable-bias-linear.",
+                flag)
+    refuse_unsupported(directory, args, UNSUPPORTED_SETTINGS, flag)
     normalization = getattr(args, "normalization", "LayerNorm")  # Megatron's default
     if normalization not in ("LayerNorm", "RMSNorm"):
         _refuse(directory, f"--normalization={normalization!r}; allowed: 'LayerNorm', "
-                           "'RMSNorm'.")
+                           "'RMSNorm'.", flag)
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) \
         else args.num_attention_heads
     return DenseArchitecture(
@@ -119,7 +145,9 @@ def dense_architecture(directory: Path, args) -> DenseArchitecture:
         num_query_groups=groups,
         kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
         vocab_size=args.padded_vocab_size, max_position_embeddings=args.max_position_embeddings,
-        rotary_base=args.rotary_base, norm_epsilon=args.norm_epsilon,
+        rotary_base=args.rotary_base,
+        # Megatron's name for --norm-epsilon; the upcycler wrote norm_epsilon until 2026-12-05
+        norm_epsilon=getattr(args, "layernorm_epsilon", None) or args.norm_epsilon,
         normalization=normalization, qk_layernorm=bool(args.qk_layernorm),
         gated_linear_unit=bool(args.swiglu), activation="silu" if args.swiglu else "gelu",
         tie_embeddings=not args.untie_embeddings_and_output_weights,
@@ -134,8 +162,10 @@ def checkpoint_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def _sharded_state_dict(model):
-    metadata = dict(CONTENT_METADATA,
+def sharded_state_dict(model, content_metadata: Optional[Dict] = None):
+    """``model``'s sharded state dict as a checkpoint written with ``content_metadata``
+    (Megatron's loader reads it from the checkpoint; default: what this package writes)."""
+    metadata = dict(content_metadata or CONTENT_METADATA,
                     dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return model.sharded_state_dict(metadata=metadata)
 
@@ -143,7 +173,7 @@ def _sharded_state_dict(model):
 def load_dense(model: torch.nn.Module, directory: Path) -> None:
     """Fill ``model`` (built from the checkpoint's args, TP=PP=1) from the dist checkpoint."""
     try:
-        loaded = dist_checkpointing.load({"model": _sharded_state_dict(model)}, str(directory))
+        loaded = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(directory))
     except LOAD_ERRORS as error:
         _refuse(directory, f"its tensors cannot be loaded into the dense GPT its args describe "
                            f"({type(error).__name__}: {str(error)[:300]}).")
@@ -164,10 +194,15 @@ def te_aliases(sharded: Dict, moe_layer_prefixes: Iterable[str]) -> Dict:
         for suffix in ("weight", "bias"):
             entry = sharded.get(f"{prefix}pre_mlp_layernorm.{suffix}")
             if entry is not None:
-                key = entry.key.replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
                 aliases[f"{prefix}pre_mlp_layernorm.{suffix}.te_alias"] = \
-                    dataclasses.replace(entry, key=key)
+                    dataclasses.replace(entry, key=te_moe_norm_key(entry.key))
     return aliases
+
+
+def te_moe_norm_key(key: str) -> str:
+    """The checkpoint key Transformer Engine's spec gives an MoE layer's pre-MLP norm, from
+    the local spec's key (te_aliases); other keys are returned unchanged."""
+    return key.replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
 
 
 def refuse_existing_output(output: Path, flag: str = OUTPUT_FLAG) -> None:
@@ -180,6 +215,26 @@ def refuse_existing_output(output: Path, flag: str = OUTPUT_FLAG) -> None:
         raise ValueError(f"{flag} {output}: its parent directory {output.parent} does not "
                          "exist; allowed: a new directory inside an existing one (no parent "
                          "directory is created).")
+
+
+@contextlib.contextmanager
+def cpu_process_groups(seed: int):
+    """Megatron's process groups for one CPU process (also where CUDA exists: converting
+    checkpoints is host-memory work)."""
+    from megatron_null_moe.cpu import (
+        cpu_harness,
+        destroy_cpu_parallel_state,
+        init_cpu_parallel_state,
+    )
+    from megatron_null_moe.training_hooks import single_process_environment
+
+    single_process_environment()
+    with cpu_harness(force=True):
+        init_cpu_parallel_state(seed=seed)
+        try:
+            yield
+        finally:
+            destroy_cpu_parallel_state()
 
 
 @contextlib.contextmanager
@@ -219,7 +274,7 @@ def save_release_checkpoint(model: torch.nn.Module, args, directory: Path,
     """Save ``model`` as a Megatron release checkpoint in the existing, empty ``directory``
     (a staged_outputs directory), with the text ``files`` (name -> text) beside it."""
     (directory / "release").mkdir()
-    sharded = _sharded_state_dict(model)
+    sharded = sharded_state_dict(model)
     sharded.update(te_aliases(sharded, moe_layer_prefixes))
     state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": 0}
     dist_checkpointing.save(state, str(directory / "release"), content_metadata=CONTENT_METADATA)

@@ -4,12 +4,16 @@ Qwen3 is a Megatron GPT with grouped-query attention, per-head RMSNorm on querie
 (``--qk-layernorm``), RoPE, SwiGLU, RMSNorm and no linear biases. The only layout change is
 the attention input projection: Megatron's ``linear_qkv`` holds, for each of the
 ``num_key_value_heads`` groups in turn, the group's query heads, then its key head, then its
-value head; Qwen3 keeps q_proj, k_proj and v_proj apart. Nothing is downloaded.
+value head; Qwen3 keeps q_proj, k_proj and v_proj apart (and a GLU's fc1 is gate_proj over
+up_proj). The map runs both ways: ``megatron_tensors`` reads a Qwen3 directory,
+``hugging_face_tensors`` gives a Megatron tensor's Hugging Face names (for the export).
+Nothing is downloaded.
 """
 
 import json
+import re
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from safetensors import safe_open
@@ -127,6 +131,32 @@ class SafetensorsReader:
             _refuse(self.directory, f"tensor {name!r} cannot be read ({error}).")
 
 
+# Tensors that map one to one: (Hugging Face name, Megatron GPTModel name), per layer under
+# ``model.layers.L.`` and ``decoder.layers.L.``, and outside the layers (lm_head only with
+# untied embeddings).
+LAYER_NAMES = (
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+    ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"),
+    ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+)
+MODEL_NAMES = (
+    ("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+    ("model.norm.weight", "decoder.final_layernorm.weight"),
+    ("lm_head.weight", "output_layer.weight"),
+)
+QKV = "self_attention.linear_qkv.weight"
+
+
+def hugging_face_layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def megatron_layer_prefix(layer: int) -> str:
+    return f"decoder.layers.{layer}."
+
+
 def interleave_qkv(q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                    num_query_groups: int) -> torch.Tensor:
     """[(heads + 2 groups) d, h] Megatron linear_qkv from q [heads d, h], k and v [groups d, h]:
@@ -138,27 +168,79 @@ def interleave_qkv(q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: tor
     return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
 
 
+def split_qkv(qkv_weight: torch.Tensor, num_query_groups: int, num_attention_heads: int
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """interleave_qkv's inverse: q [heads d, h], k and v [groups d, h] from linear_qkv."""
+    hidden = qkv_weight.shape[1]
+    heads_per_group = num_attention_heads // num_query_groups
+    grouped = qkv_weight.reshape(num_query_groups, heads_per_group + 2, -1, hidden)
+    return (grouped[:, :heads_per_group].reshape(-1, hidden),
+            grouped[:, heads_per_group].reshape(-1, hidden),
+            grouped[:, heads_per_group + 1].reshape(-1, hidden))
+
+
 def megatron_tensors(reader: SafetensorsReader,
                      dense: DenseArchitecture) -> Iterator[Tuple[str, torch.Tensor]]:
     """(Megatron GPTModel parameter name, tensor) for every parameter of the dense model."""
-    yield "embedding.word_embeddings.weight", reader["model.embed_tokens.weight"]
+    for hf_name, megatron_name in MODEL_NAMES:
+        if megatron_name != "output_layer.weight" or not dense.tie_embeddings:
+            yield megatron_name, reader[hf_name]
     for layer in range(dense.num_layers):
-        hf, mg = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        hf, mg = hugging_face_layer_prefix(layer), megatron_layer_prefix(layer)
+        for hf_name, megatron_name in LAYER_NAMES:
+            yield mg + megatron_name, reader[hf + hf_name]
         attention = hf + "self_attn."
-        yield mg + "input_layernorm.weight", reader[hf + "input_layernorm.weight"]
-        yield mg + "self_attention.linear_qkv.weight", interleave_qkv(
+        yield mg + QKV, interleave_qkv(
             reader[attention + "q_proj.weight"], reader[attention + "k_proj.weight"],
             reader[attention + "v_proj.weight"], dense.num_query_groups)
-        yield mg + "self_attention.q_layernorm.weight", reader[attention + "q_norm.weight"]
-        yield mg + "self_attention.k_layernorm.weight", reader[attention + "k_norm.weight"]
-        yield mg + "self_attention.linear_proj.weight", reader[attention + "o_proj.weight"]
-        yield mg + "pre_mlp_layernorm.weight", reader[hf + "post_attention_layernorm.weight"]
         yield mg + "mlp.linear_fc1.weight", torch.cat(
             [reader[hf + "mlp.gate_proj.weight"], reader[hf + "mlp.up_proj.weight"]])
         yield mg + "mlp.linear_fc2.weight", reader[hf + "mlp.down_proj.weight"]
-    yield "decoder.final_layernorm.weight", reader["model.norm.weight"]
-    if not dense.tie_embeddings:
-        yield "output_layer.weight", reader["lm_head.weight"]
+
+
+def hugging_face_tensors(name: str, tensor: torch.Tensor, dense: DenseArchitecture
+                         ) -> List[Tuple[str, torch.Tensor]]:
+    """megatron_tensors' inverse, one Megatron GPTModel tensor at a time: the Hugging Face
+    Qwen3 (name, tensor) pairs it holds. ValueError for a name outside that layout."""
+    outside = {megatron_name: hf_name for hf_name, megatron_name in MODEL_NAMES}
+    if name in outside:
+        return [(outside[name], tensor)]
+    layer, rest = split_layer_name(name)
+    hf = hugging_face_layer_prefix(layer)
+    in_layer = {megatron_name: hf_name for hf_name, megatron_name in LAYER_NAMES}
+    if rest in in_layer:
+        return [(hf + in_layer[rest], tensor)]
+    if rest == QKV:
+        q, k, v = split_qkv(tensor, dense.num_query_groups, dense.num_attention_heads)
+        return [(f"{hf}self_attn.{part}_proj.weight", weight)
+                for part, weight in (("q", q), ("k", k), ("v", v))]
+    if rest.startswith("mlp."):
+        return glu_tensors(hf + "mlp.", rest[len("mlp."):], tensor)
+    raise ValueError(f"{name}: not a tensor of a dense Qwen3's layout")
+
+
+_LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def split_layer_name(name: str) -> Tuple[int, str]:
+    """'decoder.layers.3.mlp.linear_fc1.weight' -> (3, 'mlp.linear_fc1.weight');
+    ValueError for a name outside the layers."""
+    match = _LAYER_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name}: not a tensor of a decoder layer")
+    return int(match.group(1)), match.group(2)
+
+
+def glu_tensors(prefix: str, linear: str, tensor: torch.Tensor
+                ) -> List[Tuple[str, torch.Tensor]]:
+    """A Megatron GLU's ``linear`` ('linear_fc1.weight' = [gate; up] or 'linear_fc2.weight')
+    under Qwen3's MLP names at ``prefix``."""
+    if linear == "linear_fc1.weight":
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        return [(prefix + "gate_proj.weight", gate), (prefix + "up_proj.weight", up)]
+    if linear == "linear_fc2.weight":
+        return [(prefix + "down_proj.weight", tensor)]
+    raise ValueError(f"{prefix}{linear}: not a GLU weight (linear_fc1/linear_fc2.weight)")
 
 
 def load_into(model: torch.nn.Module, tensors: Iterator[Tuple[str, torch.Tensor]],
