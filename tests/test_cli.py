@@ -103,3 +103,17 @@ def test_console_scripts_name_quiet_commands_that_exist():
         command = getattr(importlib.import_module(module), attribute)
         target_module, function = command.args[0].split(":")
         assert callable(getattr(importlib.import_module(target_module), function)), name
+
+
+def test_argparse_refusal_of_a_plugin_flag_is_two_short_lines(monkeypatch, capsys):
+    from megatron_null_moe.pretrain_gpt import parse_arguments
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments([*TINY_GPT, "--moe-null-expert-path", "bogus"])
+    assert exit_info.value.code == 2
+    usage, error = capsys.readouterr().err.strip().splitlines()
+    assert usage == "usage: pretrain_gpt.py [Megatron arguments] [null-expert flags] " \
+                    "(--help lists them)"
+    assert error.startswith("pretrain_gpt.py: error: argument --moe-null-expert-path: "
+                            "invalid choice: 'bogus'")
