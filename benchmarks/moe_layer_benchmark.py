@@ -541,10 +541,16 @@ def table(rows, target_rows=()):
 def main(argv=None):
     args = parse_arguments(argv)
     warnings.filterwarnings("ignore")
+    from megatron_null_moe.cli import environment_line, silence_fallback_warnings
+
+    silence_fallback_warnings()  # torch's CUDA probe logs, which the filter above misses
     from megatron_null_moe.process_groups import single_process_parallel_state
 
     preset = PRESETS[args.preset]
     on_cpu = preset["device"] == "cpu"
+    line = environment_line(not on_cpu, layers="local layers" if on_cpu else None)
+    if line:
+        print(line)
     if "threads" in preset:
         torch.set_num_threads(preset["threads"])
     meta = {"preset": args.preset, "torch": torch.__version__,

@@ -35,6 +35,8 @@ BALANCE_SCOPES = {"micro-batch": "aux_loss", "sequence": "seq_aux_loss", "global
 def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The plugin's flags; also makes Megatron's own --help printable."""
     _escape_bare_percent_signs(parser)
+    # argparse prints the usage above each refusal: Megatron's is ~700 lines of flags.
+    parser.usage = "%(prog)s [Megatron arguments] [null-expert flags] (--help lists them)"
     group = parser.add_argument_group(title="null experts (megatron-null-moe)")
     group.add_argument(
         RHO_FLAG, type=float, default=None, metavar="RHO",

@@ -13,9 +13,18 @@ import functools
 import sys
 from typing import Optional
 
-from megatron_null_moe.config import NullExpertConfig, validate_for_transformer_config
-from megatron_null_moe.lean.support import validate_lean_layer
-from megatron_null_moe.spec import with_null_experts
+from megatron_null_moe.cli import quiet_if_command
+
+quiet_if_command(__name__)  # before Megatron is imported: its notices fire at import
+
+from megatron_null_moe.config import (  # noqa: E402
+    NullExpertConfig,
+    validate_for_transformer_config,
+)
+from megatron_null_moe.lean.support import validate_lean_layer  # noqa: E402
+from megatron_null_moe.spec import with_null_experts  # noqa: E402
+
+PROG = "megatron_null_moe.pretrain_gpt"
 
 
 def null_expert_layer_spec(model_config, vp_stage: Optional[int] = None, *,
@@ -67,6 +76,8 @@ def parse_arguments(argv=None):
 
 
 def main(argv=None) -> None:
+    from megatron_null_moe.cli import refusals_as_errors
+    from megatron_null_moe.process_groups import is_rank_zero
     from megatron_null_moe.training_hooks import null_expert_training, single_process_environment
 
     single_process_environment()
@@ -82,11 +93,13 @@ def main(argv=None) -> None:
         from megatron_null_moe.arguments import null_expert_path_from_args
 
         args = parse_arguments(argv)
-        gpt_step.refuse_unsupported(args)
-        null_config = monitor.configure(args)
-        model_config = gpt_config_from_args(args)
-        apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None,
-                               expert_path=null_expert_path_from_args(args))
+        # Refusals of the flags and of what they contradict: one line, before any model.
+        with refusals_as_errors(PROG, speaks=is_rank_zero()):
+            gpt_step.refuse_unsupported(args)
+            null_config = monitor.configure(args)
+            model_config = gpt_config_from_args(args)
+            apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None,
+                                   expert_path=null_expert_path_from_args(args))
         gpt_step.train_valid_test_datasets_provider.is_distributed = True
         pretrain(
             pretrain_cfg_container_from_args(args, model_config),

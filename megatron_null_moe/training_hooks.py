@@ -33,6 +33,7 @@ import torch
 
 from megatron_null_moe.arguments import expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
+from megatron_null_moe.cli import environment_line
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
 from megatron_null_moe.process_groups import free_port, is_rank_zero
@@ -424,9 +425,13 @@ def null_expert_training(on_cpu: Optional[bool] = None):
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
     monitor = NullExpertMonitor(on_cpu=on_cpu)
+    line = environment_line(on_cuda=not on_cpu)
+    if on_cpu:
+        line = f"{line}, gloo (no CUDA: running on the CPU through the CPU harness)"
+    if line:
+        _print_rank_0(line)  # instead of Megatron's import-time notices (cli.py)
     with contextlib.ExitStack() as stack:
         if on_cpu:
-            _print_rank_0("no CUDA, running on the CPU through the CPU harness (gloo)")
             stack.enter_context(cpu_harness())
         stack.enter_context(_attribute(
             dataset_utils, "compile_helpers",

@@ -1,9 +1,9 @@
-"""docker/: static checks of the Dockerfile and its README (no image is built here).
+"""docker/: static checks of the Dockerfile and its page, docs/docker.md (no image is built).
 
 The rules: the base is pinned by a versioned tag; megatron-core is the version CI pins; the
 base image's torch stack (torch, Transformer Engine, NVIDIA's apex, ...) is never reinstalled;
 the PyPI package named ``apex`` (an unrelated web toolkit) is never installed; the plugin is
-installed from the build context; the README's build command names this Dockerfile.
+installed from the build context; the page's build command names this Dockerfile.
 """
 
 import re
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-DOCKER_README = ROOT / "docker" / "README.md"
+DOCKER_README = ROOT / "docs" / "docker.md"
 DOCKERIGNORE = ROOT / "docker" / "Dockerfile.dockerignore"  # BuildKit: <Dockerfile>.dockerignore
 
 # Packages the base image ships as NVIDIA builds; pip must never replace them.
@@ -220,7 +220,7 @@ def test_every_runtime_dependency_of_the_plugin_is_installed(dockerfile):
 def test_readme_build_command_names_this_dockerfile():
     readme = DOCKER_README.read_text()
     builds = re.findall(r"docker build -f (\S+) -t (\S+) (\S+)", readme)
-    assert builds, "docker/README.md shows no `docker build -f ... -t ... <context>`"
+    assert builds, "docs/docker.md shows no `docker build -f ... -t ... <context>`"
     for path, tag, context in builds:
         assert (ROOT / path).resolve() == DOCKERFILE, path
         assert context == ".", "the build context is the repository root"

@@ -207,7 +207,7 @@ def test_patched_script_prints_help_and_trains_with_null_statistics_on_the_cpu(t
                             env=environment)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "no CUDA, running on the CPU through the CPU harness" in output
+    assert "running on the CPU through the CPU harness" in output
     for key in ("null real fraction", "null expected real experts/token", "null budget bias",
                 "null worst layer real fraction error"):
         assert key in output, key

@@ -11,10 +11,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
+from megatron_null_moe.cli import quiet_if_command
 
-from megatron_null_moe.demo.runs import train_all
-from megatron_null_moe.demo.train import DemoModel, RoutingSetup
+quiet_if_command(__name__)  # before Megatron is imported (workers: runs.train_all)
+
+import torch  # noqa: E402
+
+from megatron_null_moe.cli import environment_line  # noqa: E402
+from megatron_null_moe.demo.runs import train_all  # noqa: E402
+from megatron_null_moe.demo.train import DemoModel, RoutingSetup  # noqa: E402
 
 DEFAULT_CONFIGS = ["K2_1.0", "K4_0.5", "K4_0.5+budget", "K4_1.0", "K8_0.5", "K8_0.5+budget"]
 
@@ -63,6 +68,9 @@ def main(argv=None) -> dict:
     from megatron_null_moe.demo.report import write_report
 
     args.output.mkdir(parents=True, exist_ok=True)
+    line = environment_line(args.device == "cuda", precision="fp32", layers="local layers")
+    if line:
+        print(line)
     started = time.monotonic()
     results = train_all(args)
     meta = {"steps": args.steps, "seeds": len(args.seeds), "device": args.device,

@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from megatron_null_moe.cli import call_quietly
 from megatron_null_moe.demo.train import DemoModel, RoutingSetup, train_run
 
 
@@ -67,8 +68,9 @@ def train_all(args) -> dict:
     context = multiprocessing.get_context("spawn")
     steps_done = context.Value("q", 0)
     log_dir = str(args.output / "tensorboard")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker,
-                             initargs=(args.device, steps_done)) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=call_quietly,
+                             initargs=(f"{__name__}:_start_worker", args.device,
+                                       steps_done)) as pool:
         futures = [pool.submit(_train_in_worker, setup, seed, args.steps, args.device, log_dir)
                    for setup, seed in jobs]
         while not all(future.done() for future in futures):

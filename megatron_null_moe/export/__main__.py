@@ -21,12 +21,21 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
+from megatron_null_moe.cli import quiet_if_command
 
-from megatron_null_moe import pool_routing
-from megatron_null_moe.export import remote_code
-from megatron_null_moe.export.checkpoint import CHECKPOINT_FLAG, checkpoint_tensors, moe_model
-from megatron_null_moe.export.huggingface import (
+quiet_if_command(__name__)  # before Megatron is imported: its notices fire at import
+
+import torch  # noqa: E402
+
+from megatron_null_moe import pool_routing  # noqa: E402
+from megatron_null_moe.cli import refusals_as_errors  # noqa: E402
+from megatron_null_moe.export import remote_code  # noqa: E402
+from megatron_null_moe.export.checkpoint import (  # noqa: E402
+    CHECKPOINT_FLAG,
+    checkpoint_tensors,
+    moe_model,
+)
+from megatron_null_moe.export.huggingface import (  # noqa: E402
     REMOTE_CONFIGURATION,
     REMOTE_MODELING,
     exported_dtype,
@@ -34,9 +43,9 @@ from megatron_null_moe.export.huggingface import (
     hugging_face_tensors,
     is_plain_qwen3_moe,
 )
-from megatron_null_moe.export.shards import SafetensorsShards
-from megatron_null_moe.upcycle import checkpoint
-from megatron_null_moe.upcycle.architecture import build_gpt_model
+from megatron_null_moe.export.shards import SafetensorsShards  # noqa: E402
+from megatron_null_moe.upcycle import checkpoint  # noqa: E402
+from megatron_null_moe.upcycle.architecture import build_gpt_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -127,11 +136,8 @@ def write_remote_code(directory: Path) -> None:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        with checkpoint.cpu_process_groups(seed=0):
-            report = export(args)
-    except ValueError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    with refusals_as_errors(parser.prog), checkpoint.cpu_process_groups(seed=0):
+        report = export(args)
     print(f"exported {report['checkpoint']} -> {report['output']} ({report['model_type']}, "
           f"{report['dtype']}, {report['tensors']} tensors, {report['bytes'] / 2**30:.2f} GiB "
           f"in {report['shards']} shard(s)) in {report['seconds']:.1f} s, peak RSS "

@@ -20,16 +20,21 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
-import torch
+from megatron_null_moe.cli import quiet_if_command
 
-from megatron_null_moe.upcycle import checkpoint, huggingface
-from megatron_null_moe.upcycle.architecture import (
+quiet_if_command(__name__)  # before Megatron is imported: its notices fire at import
+
+import torch  # noqa: E402
+
+from megatron_null_moe.cli import refusals_as_errors  # noqa: E402
+from megatron_null_moe.upcycle import checkpoint, huggingface  # noqa: E402
+from megatron_null_moe.upcycle.architecture import (  # noqa: E402
     DenseArchitecture,
     build_gpt_model,
     checkpoint_args,
     megatron_flags,
 )
-from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into
+from megatron_null_moe.upcycle.convert import UpcycleSettings, upcycle_into  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -184,11 +189,8 @@ def refuse_existing_outputs(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        with checkpoint.cpu_process_groups(args.seed):
-            report = upcycle(args)
-    except ValueError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    with refusals_as_errors(parser.prog), checkpoint.cpu_process_groups(args.seed):
+        report = upcycle(args)
     starts = report["router_start"]
     without = [s["real_fraction_without_offset"] for s in starts]
     with_offset = [s["real_fraction_with_offset"] for s in starts]
