@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train an upcycled Qwen3 with null experts on GPUs: the paper's recipe after upcycling.
 #
-# First upcycle (README, "Upcycle a dense model"), e.g. Qwen3-0.6B to 64 experts at 4x
+# First upcycle (docs/upcycling.md), e.g. Qwen3-0.6B to 64 experts at 4x
 # granularity with a shared expert and 30% re-initialisation, rho = 0.5, top-8:
 #   python -m megatron_null_moe.upcycle --hf-model Qwen3-0.6B --output qwen3-0.6b-e64-null \
 #       --num-experts 64 --granularity 4 --moe-router-topk 8 --moe-null-expert-rho 0.5 \

@@ -39,8 +39,7 @@ def refuse_unsupported(args) -> None:
             "--moe-use-upcycling is broken in megatron-core 0.19.2's training loop (upcycling "
             "calls load_checkpoint with model= and builds the 'dense' model with experts). "
             "Upcycle the dense checkpoint with 'python -m megatron_null_moe.upcycle' and "
-            "start from its output with --pretrained-checkpoint (README, 'Upcycle a dense "
-            "model').")
+            "start from its output with --pretrained-checkpoint (docs/upcycling.md).")
 
 
 def get_batch(data_iterator, vp_stage=None):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verify megatron-null-moe on a lent GPU machine in one device call: the last of the six in
-# README ("Verify on a GPU"). Installs the Megatron-Core and Transformer Engine wheels that
+# docs/benchmark.md ("Verify on a GPU"). Installs the Megatron-Core and Transformer Engine wheels that
 # ../shared/gpu/prepare.sh staged (.gpu/p0..p4 already copied to /root/stage, .gpu/p5
 # carried by this call), runs tests/test_gpu.py, then the MoE layer benchmark over every path
 # (upstream, plugin with Megatron's experts, lean with both buffers) and precision (bf16, fp8)

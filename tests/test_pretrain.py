@@ -170,8 +170,9 @@ def _checkpoint_tensors(directory: Path) -> dict:
 
 
 def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
-    """The README recipe: --finetune --no-load-optim --dist-ckpt-strictness log_all; the
-    null row starts at the mean of the trained real rows (lr 0 keeps it visible)."""
+    """The recipe of docs/training.md: --finetune --no-load-optim --dist-ckpt-strictness
+    log_all; the null row starts at the mean of the trained real rows (lr 0 keeps it
+    visible)."""
     ordinary = [a for a in TINY_GPT if a not in ("--moe-null-expert-rho", "0.5",
                                                  "--moe-null-balance-scope", "global")]
     moe_dir, null_dir = tmp_path / "moe", tmp_path / "null"

@@ -663,21 +663,24 @@ QWEN3_06B = dict(num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_atte
                  tie_embeddings=True)
 
 
-def _readme_command(start: str) -> list:
-    """The README's command that starts with ``start`` (continued lines joined), as words."""
+def _documented_command(start: str) -> list:
+    """docs/upcycling.md's command that starts with ``start`` (continued lines joined), as
+    words."""
     import shlex
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
-    (line,) = [line for line in readme.splitlines() if line.strip().startswith(start)]
+    page = Path(__file__).parents[1] / "docs" / "upcycling.md"
+    text = page.read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.strip().startswith(start)]
     return shlex.split(line)
 
 
-def test_readme_paper_setting_is_valid_for_qwen3_06b():
-    """The README's upcycle command, parsed as written, on Qwen3-0.6B's architecture: 64
-    experts of width 768 (3072 / 4), M = 64 null copies, top-8, a 3072-wide shared expert."""
+def test_documented_paper_setting_is_valid_for_qwen3_06b():
+    """The upcycle command of docs/upcycling.md, parsed as written, on Qwen3-0.6B's
+    architecture: 64 experts of width 768 (3072 / 4), M = 64 null copies, top-8, a 3072-wide
+    shared expert."""
     from megatron_null_moe.upcycle.__main__ import settings_from_args
 
-    words = _readme_command("python -m megatron_null_moe.upcycle")
+    words = _documented_command("python -m megatron_null_moe.upcycle")
     args = build_parser().parse_args(words[3:])
     moe = settings_from_args(args).moe_shape(DenseArchitecture(**QWEN3_06B))
     assert (moe.num_experts, moe.expert_ffn_hidden_size, moe.topk) == (64, 768, 8)
