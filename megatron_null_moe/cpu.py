@@ -4,7 +4,8 @@ Megatron-Core 0.19.2 assumes CUDA throughout: tensors are created on ``device='c
 tracker forks CUDA generator states, streams and events order device copies, and the training
 loop asserts that CUDA exists. The tests and demos of this package run Megatron's own MoELayer,
 GPTModel and ``pretrain`` on machines without a GPU, so ``cpu_harness()`` stands in for each of
-those touch points (numbered as in the shared CPU.md) while it is active and puts every original
+those touch points (numbered as in the shared CPU.md), and for what gloo lacks next to NCCL
+(all-gather and reduce-scatter of unequal lengths), while it is active and puts every original
 back on exit. It is strictly opt-in: importing this module changes nothing, and entering the
 harness where CUDA is available raises unless ``force=True``.
 
@@ -22,7 +23,9 @@ Several gloo processes: ``megatron_null_moe.cpu_ranks.run_on_ranks``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +40,7 @@ import megatron.core.tensor_parallel.random as tensor_parallel_random
 import megatron.core.transformer.moe.moe_logging as moe_logging
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 _CPU = torch.device("cpu")
 _TORCH_CUDA_OWNERS = (torch.cuda, torch.cuda.random)
@@ -53,11 +57,25 @@ def _as_cpu(device: Any) -> Any:
     return device
 
 
+def _cuda_type(tensor: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs):
+    """``Tensor.type``: a CPU tensor reports the CUDA type name it stands for (Megatron's
+    optimizers accept only 'torch.cuda.FloatTensor' and its kin), and a CUDA type name
+    converts to the CPU type of that name."""
+    if dtype is None:
+        name = tensor.type()
+        return name.replace("torch.", "torch.cuda.", 1) if tensor.device.type == "cpu" else name
+    if isinstance(dtype, str):
+        dtype = dtype.replace("torch.cuda.", "torch.", 1)
+    return tensor.type(dtype, non_blocking, **kwargs)
+
+
 class _CUDAToCPU(TorchFunctionMode):
     """Every torch call asking for a CUDA device gets the CPU instead."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type:  # the distributed optimizer checks parameters' type()
+            return _cuda_type(*args, **kwargs)
         if "device" in kwargs:
             kwargs = {**kwargs, "device": _as_cpu(kwargs["device"])}
         if func is torch.Tensor.to and len(args) > 1:
@@ -137,6 +155,41 @@ class _CPURNGStatesTracker(tensor_parallel_random.CudaRNGStatesTracker):
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(outer_state)
+
+
+class _SequenceParallelTorchNorm:
+    """Megatron's torch norm (``WrappedTorchNorm``) that also runs with sequence parallelism.
+
+    Megatron's local spec refuses sequence parallelism in its torch norm (only apex's and
+    Transformer Engine's norms take it), yet a norm acts on each token alone, so each TP rank
+    normalises its slice of the sequence unchanged. The parameters are marked
+    ``sequence_parallel`` as apex's FusedLayerNorm marks them, so ``finalize_model_grads``
+    sums their gradients over the TP group.
+    """
+
+    wrapped: ClassVar[Callable] = WrappedTorchNorm
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> torch.nn.Module:
+        unmarked = copy.copy(config)
+        unmarked.sequence_parallel = False
+        norm = cls.wrapped(unmarked, hidden_size, eps, **kwargs)
+        for parameter in norm.parameters():
+            setattr(parameter, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def _set_environment(name: str, value: str) -> Undo:
+    """Set the environment variable; return a function restoring what was there."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+
+    def undo() -> None:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+    return undo
 
 
 def _set_attribute(owner: Any, name: str, value: Any) -> Undo:
@@ -221,6 +274,45 @@ def _clip_without_cuda_assert(original: Callable) -> Callable:
     return clip
 
 
+def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
+
+
+def _uneven_all_gather(original: Callable) -> Callable:
+    """torch.distributed.all_gather also for tensors of different lengths, which NCCL takes
+    and gloo refuses (Megatron's expert-TP dispatch gathers each rank's token count): the
+    tensors are gathered padded to the longest and cut back."""
+
+    @functools.wraps(original)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or len({t.shape for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = [t.new_empty((rows, *t.shape[1:])) for t in tensor_list]
+        original(padded, _padded_rows(tensor, rows), group=group)
+        for output, gathered in zip(tensor_list, padded):
+            output.copy_(gathered[:output.shape[0]])
+
+    return all_gather
+
+
+def _uneven_reduce_scatter(original: Callable) -> Callable:
+    """torch.distributed.reduce_scatter also for inputs of different lengths (the backward of
+    the gather above), padded and cut back as there."""
+
+    @functools.wraps(original)
+    def reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None,
+                       async_op=False):
+        if async_op or len({t.shape for t in input_list}) <= 1:
+            return original(output, input_list, op=op, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in input_list)
+        padded_output = output.new_empty((rows, *output.shape[1:]))
+        original(padded_output, [_padded_rows(t, rows) for t in input_list], op=op, group=group)
+        output.copy_(padded_output[:output.shape[0]])
+
+    return reduce_scatter
+
+
 class _DeviceGenerator:
     """The CUDA default generator's stand-in: a generator state of its own.
 
@@ -300,6 +392,8 @@ def _torch_cuda_stand_ins(generator: _DeviceGenerator) -> dict[str, Any]:
 
 
 def _install() -> list[Undo]:
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401 (binds the norm by name)
+    import megatron.core.transformer.transformer_block  # noqa: F401 (binds the norm by name)
     import megatron.training.initialize as training_initialize
     import megatron.training.training as training
     import megatron.training.utils.common_utils as training_utils
@@ -322,6 +416,15 @@ def _install() -> list[Undo]:
             if name in vars(owner):
                 undo.append(_set_attribute(owner, name, stand_in))
     undo.append(_set_attribute(torch.Tensor, "record_stream", lambda self, stream: None))
+    # gloo's all-gather and reduce-scatter need equal lengths; NCCL's, which Megatron
+    # assumes, do not.
+    for name, stand_in in (("all_gather", _uneven_all_gather),
+                           ("reduce_scatter", _uneven_reduce_scatter)):
+        undo.append(_set_attribute(torch.distributed, name,
+                                   stand_in(getattr(torch.distributed, name))))
+    # Item 10: validate_args asks for one CUDA queue with TP or CP (kernel ordering on a GPU;
+    # nothing to order on the CPU).
+    undo.append(_set_environment("CUDA_DEVICE_MAX_CONNECTIONS", "1"))
     # The alltoall dispatcher caches its torch.cuda.Stream on the class: start from none, and
     # drop the stand-in on exit.
     alltoall = token_dispatcher.MoEAlltoAllTokenDispatcher
@@ -359,6 +462,8 @@ def _install() -> list[Undo]:
                     training_initialize._set_random_seed,
                     _with_one_device(training_initialize._set_random_seed),
                 ),
+                # Item 10: the local spec's norm with sequence parallelism (for TP with MoE).
+                (WrappedTorchNorm, _SequenceParallelTorchNorm),
                 # Item 9: no device architecture on the CPU.
                 (training_utils.get_device_arch_version, lambda: 0),
                 # Item 5 (resume): what a GPU draws from the CUDA generator draws from the

@@ -15,7 +15,11 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+from megatron.core.utils import (
+    get_attr_wrapped_model,
+    get_batch_on_this_cp_rank,
+    get_batch_on_this_tp_rank,
+)
 from megatron.training import get_args, get_timers, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
@@ -43,7 +47,11 @@ def refuse_unsupported(args) -> None:
 
 
 def get_batch(data_iterator, vp_stage=None):
-    """This rank's micro-batch: loaded on TP rank 0, broadcast over TP, split over CP."""
+    """This rank's micro-batch: loaded on TP rank 0, broadcast over TP, split over CP.
+
+    vp_stage: the model chunk's virtual pipeline stage; a chunk that is neither the first nor
+    the last stage gets no data iterator (None) and no batch.
+    """
     args = get_args()
     if not is_first_or_last_pipeline_stage(vp_stage):
         return {key: None for key in BATCH_KEYS}
@@ -98,7 +106,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator, model):
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    vp_stage = getattr(model, "vp_stage", None)
+    # The chunk under its DDP wrapper knows its virtual stage; the wrapper does not.
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
     batch = get_batch(data_iterator, vp_stage)
     timers("batch-generator").stop()
     output_tensor = model(

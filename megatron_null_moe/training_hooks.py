@@ -16,7 +16,9 @@ Megatron-LM ``pretrain_gpt.py`` both enter it):
   with the alltoall dispatcher it also prints the all-to-all bytes per rank, layer and step
   (traffic.py: counted on the host, collected over all ranks once per log interval).
 - ``checkpointing._load_base_checkpoint``: refuses to load the distributed optimizer's state
-  saved on the other expert path (``--moe-null-expert-path``).
+  saved on the other expert path (``--moe-null-expert-path``), and optimizer state Megatron
+  cannot load: across expert groups (EP 1 and EP > 1), and the distributed optimizer's
+  without apex or Transformer Engine, or across TP, PP or EP sizes in its default layout.
 
 Also: the wheel ships the compiled dataset helper but not its Makefile, so Megatron's
 compile step would exit; it is skipped when the helper imports. Without CUDA the CPU
@@ -342,14 +344,18 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
     return training_log
 
 
+def _loads_optimizer_state(checkpoint_args, args, release: bool) -> bool:
+    return not (release or args.finetune or args.no_load_optim
+                or getattr(checkpoint_args, "no_save_optim", False))
+
+
 def refuse_optimizer_state_across_expert_paths(checkpoint_args, args, release: bool) -> None:
     """The distributed optimizer stores its state in buckets laid out by parameter, and the
     two expert paths hold the experts in different parameters (one stacked tensor per linear
     vs one per expert), so that state would load into the wrong places or not at all. The
     model weights (and the non-distributed optimizer's state, tested) carry across."""
     saved, wanted = expert_path_of(checkpoint_args), expert_path_of(args)
-    loads_optimizer = not (release or args.finetune or args.no_load_optim
-                           or getattr(checkpoint_args, "no_save_optim", False))
+    loads_optimizer = _loads_optimizer_state(checkpoint_args, args, release)
     if saved != wanted and loads_optimizer and args.use_distributed_optimizer:
         raise ValueError(
             f"--moe-null-expert-path {wanted}: the checkpoint at --load was saved with "
@@ -358,14 +364,110 @@ def refuse_optimizer_state_across_expert_paths(checkpoint_args, args, release: b
             "--no-load-optim (the weights load, the optimizer state starts fresh).")
 
 
+_FRESH_OPTIMIZER = ("--no-load-optim (the weights and the null experts' state load, the "
+                    "optimizer starts fresh)")
+
+
+def _has_expert_groups(args) -> bool:
+    """Megatron's rule for experts with process groups of their own (and an optimizer of
+    their own, chained after the dense one): EP > 1, or expert TP other than TP."""
+    tensor_parallel = getattr(args, "tensor_model_parallel_size", 1) or 1
+    expert_tensor_parallel = getattr(args, "expert_tensor_parallel_size", None) or tensor_parallel
+    return ((getattr(args, "expert_model_parallel_size", 1) or 1) > 1
+            or expert_tensor_parallel != tensor_parallel)
+
+
+def _expert_layout(args) -> str:
+    return (f"--expert-model-parallel-size {getattr(args, 'expert_model_parallel_size', 1)}, "
+            f"--expert-tensor-parallel-size {getattr(args, 'expert_tensor_parallel_size', None)}"
+            f", --tensor-model-parallel-size {getattr(args, 'tensor_model_parallel_size', 1)}")
+
+
+def refuse_optimizer_state_across_expert_groups(checkpoint_args, args, release: bool) -> None:
+    """With expert groups (EP > 1, or expert TP other than TP) Megatron keeps the experts'
+    optimizer state in an optimizer of its own; without them one optimizer holds all.
+    megatron-core 0.19.2 loads neither layout into the other (measured on the CPU, default
+    optimizer: 1 process to EP 2 "Expected 2 entries in state dict, but got 4", EP 4 to 1
+    process "Could not find parameter group with key ..."). The weights, the null row and
+    the controller's state reshard (tested)."""
+    if not (getattr(args, "num_experts", None)
+            and _loads_optimizer_state(checkpoint_args, args, release)):
+        return
+    saved, wanted = _has_expert_groups(checkpoint_args), _has_expert_groups(args)
+    if saved != wanted:
+        raise ValueError(
+            f"{_expert_layout(args)}: the checkpoint at --load was saved with "
+            f"{_expert_layout(checkpoint_args)}, {'with' if saved else 'without'} the experts' "
+            "own optimizer (Megatron chains one when EP > 1 or the expert TP differs from TP), "
+            "and megatron-core 0.19.2 cannot load optimizer state across that change; "
+            f"allowed: expert groups on both sides or on neither, or {_FRESH_OPTIMIZER}.")
+
+
+# Parallel sizes that lay out the distributed optimizer's buckets: (flag, args attribute).
+_BUCKET_LAYOUT_SIZES = (
+    ("--tensor-model-parallel-size", "tensor_model_parallel_size"),
+    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size"),
+    ("--virtual-pipeline-model-parallel-size", "virtual_pipeline_model_parallel_size"),
+    ("--expert-model-parallel-size", "expert_model_parallel_size"),
+    ("--expert-tensor-parallel-size", "expert_tensor_parallel_size"),
+)
+
+
+def refuse_distributed_optimizer_state_megatron_cannot_load(checkpoint_args, args,
+                                                            release: bool,
+                                                            has_apex_or_te: bool) -> None:
+    """What megatron-core 0.19.2 cannot load of the distributed optimizer's state, refused
+    before it fails obscurely (both measured on the CPU):
+
+    - Without apex or Transformer Engine its DistributedOptimizer runs torch's Adam and
+      cannot load any saved state: it asserts on the step count of the not yet stepped
+      optimizer (``DistributedOptimizer.state_dict``).
+    - Its default checkpoint layout ('dp_reshardable', buckets of this rank's data-parallel
+      group) reshards across data-parallel sizes only; another TP or PP size it refuses
+      naming a deprecated flag, another EP size fails with a KeyError on a bucket.
+      ``--dist-ckpt-optim-fully-reshardable`` saves a layout that reshards.
+    """
+    if not (args.use_distributed_optimizer
+            and _loads_optimizer_state(checkpoint_args, args, release)):
+        return
+    if not has_apex_or_te:
+        raise ValueError(
+            "--use-distributed-optimizer: without apex or Transformer Engine (torch's Adam) "
+            "megatron-core 0.19.2 cannot load the distributed optimizer's state saved at "
+            "--load (it asserts on the step count of the fresh optimizer); allowed: "
+            f"{_FRESH_OPTIMIZER}, or the default optimizer (without --use-distributed-optimizer).")
+    dp_reshardable = (
+        getattr(checkpoint_args, "use_distributed_optimizer", False)
+        and getattr(checkpoint_args, "ckpt_format", None) == "torch_dist"
+        and not getattr(checkpoint_args, "dist_ckpt_optim_fully_reshardable", False))
+    if not dp_reshardable:
+        return
+    changed = [f"{flag} {getattr(checkpoint_args, name, None)} -> {getattr(args, name, None)}"
+               for flag, name in _BUCKET_LAYOUT_SIZES
+               if getattr(checkpoint_args, name, None) != getattr(args, name, None)]
+    if changed:
+        raise ValueError(
+            "--use-distributed-optimizer: the checkpoint at --load holds the distributed "
+            "optimizer's state in Megatron's default layout ('dp_reshardable'), which "
+            "reshards across data-parallel sizes only, and this run changes "
+            f"{', '.join(changed)}; allowed: the checkpoint's sizes, or {_FRESH_OPTIMIZER}. "
+            "Saving with --dist-ckpt-optim-fully-reshardable writes a layout that reshards.")
+
+
 def null_expert_checkpoint_load(original):
-    """Megatron's _load_base_checkpoint, then the check of the saved expert path."""
+    """Megatron's _load_base_checkpoint, then the checks of the optimizer state it will load:
+    saved on the other expert path, across expert groups, or a distributed optimizer's state
+    Megatron cannot load."""
+    from megatron.core.optimizer import distrib_optimizer
 
     def _load_base_checkpoint(load_dir, args, *more, **kwargs):
         result = original(load_dir, args, *more, **kwargs)
         state_dict, _, release, _ = result
         if state_dict and state_dict.get("args") is not None:
             refuse_optimizer_state_across_expert_paths(state_dict["args"], args, release)
+            refuse_optimizer_state_across_expert_groups(state_dict["args"], args, release)
+            refuse_distributed_optimizer_state_megatron_cannot_load(
+                state_dict["args"], args, release, distrib_optimizer.HAVE_APEX_OR_TE)
         return result
 
     return _load_base_checkpoint

@@ -1,4 +1,5 @@
-"""The check of the saved expert path when Megatron loads a checkpoint (training_hooks)."""
+"""The checks of the optimizer state when Megatron loads a checkpoint (training_hooks): the
+saved expert path, and the distributed optimizer's state Megatron cannot load."""
 
 from types import SimpleNamespace
 
@@ -9,6 +10,8 @@ import megatron.training.checkpointing as checkpointing
 from megatron_null_moe.training_hooks import (
     null_expert_checkpoint_load,
     null_expert_training,
+    refuse_distributed_optimizer_state_megatron_cannot_load,
+    refuse_optimizer_state_across_expert_groups,
     refuse_optimizer_state_across_expert_paths,
 )
 
@@ -54,3 +57,80 @@ def test_megatrons_loader_is_wrapped_while_training_and_restored_after():
         null_expert_checkpoint_load(load)("dir", _args("lean"), rank0=True)
     empty = (None, "", False, None)
     assert null_expert_checkpoint_load(lambda *a, **k: empty)("dir", _args("lean")) == empty
+
+
+# A checkpoint of EP2 on 8 ranks in Megatron's default distributed-optimizer layout.
+SIZES = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+             virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=2,
+             expert_tensor_parallel_size=1, ckpt_format="torch_dist",
+             dist_ckpt_optim_fully_reshardable=False)
+
+
+def test_distributed_optimizer_state_refused_without_apex_or_transformer_engine():
+    with pytest.raises(ValueError, match=(
+            r"--use-distributed-optimizer: without apex or Transformer Engine .* cannot load "
+            r"the distributed optimizer's state .*allowed: --no-load-optim")):
+        refuse_distributed_optimizer_state_megatron_cannot_load(
+            _args("megatron", **SIZES), _args("megatron", **SIZES), False, has_apex_or_te=False)
+
+
+@pytest.mark.parametrize("flag,name,value", [
+    ("--tensor-model-parallel-size", "tensor_model_parallel_size", 2),
+    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", 2),
+    ("--virtual-pipeline-model-parallel-size", "virtual_pipeline_model_parallel_size", 2),
+    ("--expert-model-parallel-size", "expert_model_parallel_size", 4),
+    ("--expert-tensor-parallel-size", "expert_tensor_parallel_size", 2),
+])
+def test_default_distributed_optimizer_layout_refused_across_model_parallel_sizes(
+        flag, name, value):
+    run = _args("megatron", **{**SIZES, name: value})
+    with pytest.raises(ValueError, match=(
+            rf"'dp_reshardable'.* changes {flag} \S+ -> {value}; allowed: the checkpoint's "
+            r"sizes, or --no-load-optim .*--dist-ckpt-optim-fully-reshardable")):
+        refuse_distributed_optimizer_state_megatron_cannot_load(
+            _args("megatron", **SIZES), run, False, has_apex_or_te=True)
+
+
+@pytest.mark.parametrize("saved,run,has_apex_or_te", [
+    (SIZES, SIZES, True),                                          # data-parallel size only
+    ({**SIZES, "dist_ckpt_optim_fully_reshardable": True},
+     {**SIZES, "expert_model_parallel_size": 4}, True),             # the reshardable layout
+    ({**SIZES, "use_distributed_optimizer": False},
+     {**SIZES, "expert_model_parallel_size": 4}, True),             # the default optimizer's
+    (SIZES, {**SIZES, "no_load_optim": True, "expert_model_parallel_size": 4}, False),
+    (SIZES, {**SIZES, "use_distributed_optimizer": False}, False),
+])
+def test_distributed_optimizer_state_megatron_can_load(saved, run, has_apex_or_te):
+    refuse_distributed_optimizer_state_megatron_cannot_load(
+        _args("megatron", **saved), _args("megatron", **run), False, has_apex_or_te)
+
+
+def _expert_layout(ep, etp=None, tp=1, **overrides):
+    values = dict(num_experts=8, expert_model_parallel_size=ep,
+                  expert_tensor_parallel_size=etp or tp, tensor_model_parallel_size=tp,
+                  use_distributed_optimizer=False)
+    return _args("megatron", **{**values, **overrides})
+
+
+@pytest.mark.parametrize("saved,run", [
+    (_expert_layout(4), _expert_layout(1)),                        # EP 4 -> one process
+    (_expert_layout(1), _expert_layout(2, tp=2)),                  # one process -> EP 2, TP 2
+    (_expert_layout(1, etp=1, tp=2), _expert_layout(1, etp=2, tp=2)),  # expert TP 1 -> = TP
+])
+def test_optimizer_state_refused_across_expert_groups(saved, run):
+    with pytest.raises(ValueError, match=(
+            r"the checkpoint at --load was saved with --expert-model-parallel-size .*"
+            r"megatron-core 0.19.2 cannot load optimizer state across that change; allowed: "
+            r"expert groups on both sides or on neither, or --no-load-optim")):
+        refuse_optimizer_state_across_expert_groups(saved, run, False)
+
+
+@pytest.mark.parametrize("saved,run", [
+    (_expert_layout(2), _expert_layout(4)),                        # EP 2 -> EP 4
+    (_expert_layout(1), _expert_layout(1, tp=2)),                  # TP changes, no expert groups
+    (_expert_layout(4), _expert_layout(1, no_load_optim=True)),
+    (_expert_layout(4), _expert_layout(1, finetune=True)),
+    (_expert_layout(4), _expert_layout(1, num_experts=None)),
+])
+def test_optimizer_state_loads_within_expert_groups_or_not_at_all(saved, run):
+    refuse_optimizer_state_across_expert_groups(saved, run, False)

@@ -4,6 +4,7 @@ import functools
 import importlib
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -50,6 +51,12 @@ PATCHED = [("torch.cuda", name) for name in TORCH_CUDA_STAND_INS] + [
     ("megatron.training.training", "train_step"),
     ("megatron.training.training", "evaluate"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("torch.distributed", "all_gather"),
+    ("torch.distributed", "reduce_scatter"),
+    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),
+    ("megatron.core.models.backends", "LNImpl"),
+    ("megatron.core.models.gpt.gpt_layer_specs", "LNImpl"),
+    ("megatron.core.transformer.transformer_block", "LayerNormImpl"),
 ]
 
 # Runs in a fresh interpreter: ids of the patched objects before and after the import.
@@ -150,6 +157,55 @@ def test_refuses_to_enter_where_cuda_is_available(monkeypatch):
     with cpu_harness(force=True):
         assert torch.empty(1, device="cuda").device.type == "cpu"
     assert torch.cuda.synchronize is original_synchronize
+
+
+@pytest.mark.parametrize("before", [None, "8"])
+def test_one_cuda_queue_while_active(monkeypatch, before):
+    """Megatron's validate_args asks for CUDA_DEVICE_MAX_CONNECTIONS=1 with TP or CP."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    if before is None:
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", before)
+    with cpu_harness():
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == before
+
+
+def test_tensors_name_their_cuda_type_while_active():
+    """Megatron's optimizers accept parameters whose type() is 'torch.cuda.FloatTensor' etc."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with cpu_harness():
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        converted = torch.zeros(1).type("torch.cuda.HalfTensor")
+        assert converted.dtype == torch.float16 and converted.device.type == "cpu"
+        assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+@pytest.mark.parametrize("normalization,norm_class", [("LayerNorm", torch.nn.LayerNorm),
+                                                       ("RMSNorm", torch.nn.RMSNorm)])
+def test_local_spec_norm_takes_sequence_parallelism(cpu_parallel_state, normalization,
+                                                    norm_class):
+    """Megatron's torch norm refuses sequence parallelism; the harness's normalises each token
+    as torch does and marks its parameters for the gradient all-reduce over TP."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    spec = get_gpt_layer_local_spec(normalization=normalization)
+    config = moe_config(normalization=normalization)
+    config.sequence_parallel = True  # as TP > 1 sets it; this process has TP 1
+    norm = build_module(spec.submodules.input_layernorm, config=config, hidden_size=HIDDEN,
+                        eps=1e-5)
+    assert type(norm) is norm_class
+    assert [getattr(p, "sequence_parallel", None) for p in norm.parameters()] == \
+        [True] * len(list(norm.parameters()))
+    hidden = torch.randn(TOKENS, BATCH, HIDDEN)
+    expected = norm_class(HIDDEN, eps=1e-5)
+    expected.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(hidden), expected(hidden), rtol=0, atol=0)
 
 
 def test_init_cpu_parallel_state_needs_the_harness():

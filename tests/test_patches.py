@@ -215,3 +215,27 @@ def test_patched_script_prints_help_and_trains_with_null_statistics_on_the_cpu(t
     for tag in ("null real fraction", "null_moe/real_fraction_layer_01",
                 "null_moe/budget_bias_layer_02"):
         assert sorted(logged[tag]) == [1, 2, 3, 4], tag
+
+
+def test_patched_script_trains_with_virtual_pipeline_stages(tmp_path):
+    """PP2 with 2 virtual stages x EP2 on 4 gloo ranks: Megatron-LM's own get_batch gives the
+    chunks of the middle virtual stages (which get no data iterator) no batch, so the patched
+    script trains; each layer's statistics reach TensorBoard (the model of test_layouts)."""
+    import sys
+
+    from test_layouts import LAYERS, MODEL
+    from test_pretrain import scalars
+
+    work = _patched_scripts(_megatron_lm_git_dir(), tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+               "--master-port", str(free_port()), TARGET, *MODEL,
+               "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+               "1", "--expert-model-parallel-size", "2", "--tensorboard-dir",
+               str(tmp_path / "tb")]
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                                     PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    logged = scalars(tmp_path)
+    for layer in LAYERS:
+        assert sorted(logged[f"null_moe/real_fraction_layer_{layer}"]) == [1, 2, 3, 4, 5]

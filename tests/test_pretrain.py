@@ -159,13 +159,18 @@ def test_bad_flags_fail_at_start_up(tmp_path):
     assert "--moe-router-score-function" in result.stderr and "allowed: 'softmax'" in result.stderr
 
 
-def _checkpoint_tensors(directory: Path) -> dict:
+def _checkpoint_tensors(directory: Path, iteration: int | None = None) -> dict:
+    """The tensors of the checkpoint at ``iteration`` (default: the only one) in
+    ``directory``, by name."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    (iteration,) = sorted(directory.glob("iter_*"))
-    converted = directory / "converted.pt"
-    dcp_to_torch_save(str(iteration), str(converted))
+    if iteration is None:
+        (saved,) = sorted(directory.glob("iter_*"))
+    else:
+        saved = directory / f"iter_{iteration:07d}"
+    converted = directory / f"{saved.name}.pt"
+    dcp_to_torch_save(str(saved), str(converted))
     return torch.load(converted, weights_only=False)
 
 
