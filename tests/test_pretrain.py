@@ -166,7 +166,7 @@ def _checkpoint_tensors(directory: Path, iteration: int | None = None) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     if iteration is None:
-        (saved,) = sorted(directory.glob("iter_*"))
+        (saved,) = sorted(p for p in directory.glob("iter_*") if p.is_dir())  # not the .pt
     else:
         saved = directory / f"iter_{iteration:07d}"
     converted = directory / f"{saved.name}.pt"
