@@ -80,16 +80,19 @@ def environment_line(on_cuda: bool, precision: Optional[str] = None,
 
 
 @contextlib.contextmanager
-def refusals_as_errors(prog: str, speaks: bool = True) -> Iterator[None]:
+def refusals_as_errors(prog: str, speaks: bool = True,
+                       refusal: type[Exception] = ValueError) -> Iterator[None]:
     """Inside: the plugin's checks of user input, which raise ValueError naming the flag and
     what is allowed. A refusal becomes one ``prog: error: ...`` line and exit status 2, as
     argparse does, instead of a traceback; other exceptions (bugs) keep theirs.
 
     speaks: whether this process prints (under torchrun, rank 0 only; every rank exits).
+    refusal: the exception that is a refusal; around code that is not the plugin's own (a
+    whole Megatron run), a class that only the plugin's checks raise.
     """
     try:
         yield
-    except ValueError as error:
+    except refusal as error:
         if speaks:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

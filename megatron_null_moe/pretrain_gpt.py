@@ -78,7 +78,11 @@ def parse_arguments(argv=None):
 def main(argv=None) -> None:
     from megatron_null_moe.cli import refusals_as_errors
     from megatron_null_moe.process_groups import is_rank_zero
-    from megatron_null_moe.training_hooks import null_expert_training, single_process_environment
+    from megatron_null_moe.training_hooks import (
+        CheckpointRefusal,
+        null_expert_training,
+        single_process_environment,
+    )
 
     single_process_environment()
     with null_expert_training() as monitor:
@@ -101,12 +105,14 @@ def main(argv=None) -> None:
             apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None,
                                    expert_path=null_expert_path_from_args(args))
         gpt_step.train_valid_test_datasets_provider.is_distributed = True
-        pretrain(
-            pretrain_cfg_container_from_args(args, model_config),
-            gpt_step.train_valid_test_datasets_provider,
-            ModelType.encoder_or_decoder,
-            gpt_step.forward_step,
-        )
+        # Refusals of what --load holds come while Megatron loads it: one line too.
+        with refusals_as_errors(PROG, speaks=is_rank_zero(), refusal=CheckpointRefusal):
+            pretrain(
+                pretrain_cfg_container_from_args(args, model_config),
+                gpt_step.train_valid_test_datasets_provider,
+                ModelType.encoder_or_decoder,
+                gpt_step.forward_step,
+            )
 
 
 if __name__ == "__main__":

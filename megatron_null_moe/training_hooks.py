@@ -344,6 +344,11 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
     return training_log
 
 
+class CheckpointRefusal(ValueError):
+    """Optimizer state at --load this run cannot load as asked. Raised while Megatron loads
+    the checkpoint, after the model is built; the entry point prints it as one error line."""
+
+
 def _loads_optimizer_state(checkpoint_args, args, release: bool) -> bool:
     return not (release or args.finetune or args.no_load_optim
                 or getattr(checkpoint_args, "no_save_optim", False))
@@ -357,7 +362,7 @@ def refuse_optimizer_state_across_expert_paths(checkpoint_args, args, release: b
     saved, wanted = expert_path_of(checkpoint_args), expert_path_of(args)
     loads_optimizer = _loads_optimizer_state(checkpoint_args, args, release)
     if saved != wanted and loads_optimizer and args.use_distributed_optimizer:
-        raise ValueError(
+        raise CheckpointRefusal(
             f"--moe-null-expert-path {wanted}: the checkpoint at --load was saved with "
             f"--moe-null-expert-path {saved}, and the distributed optimizer's state does not "
             f"carry across expert paths; allowed: --moe-null-expert-path {saved}, or "
@@ -395,7 +400,7 @@ def refuse_optimizer_state_across_expert_groups(checkpoint_args, args, release: 
         return
     saved, wanted = _has_expert_groups(checkpoint_args), _has_expert_groups(args)
     if saved != wanted:
-        raise ValueError(
+        raise CheckpointRefusal(
             f"{_expert_layout(args)}: the checkpoint at --load was saved with "
             f"{_expert_layout(checkpoint_args)}, {'with' if saved else 'without'} the experts' "
             "own optimizer (Megatron chains one when EP > 1 or the expert TP differs from TP), "
@@ -431,7 +436,7 @@ def refuse_distributed_optimizer_state_megatron_cannot_load(checkpoint_args, arg
             and _loads_optimizer_state(checkpoint_args, args, release)):
         return
     if not has_apex_or_te:
-        raise ValueError(
+        raise CheckpointRefusal(
             "--use-distributed-optimizer: without apex or Transformer Engine (torch's Adam) "
             "megatron-core 0.19.2 cannot load the distributed optimizer's state saved at "
             "--load (it asserts on the step count of the fresh optimizer); allowed: "
@@ -446,7 +451,7 @@ def refuse_distributed_optimizer_state_megatron_cannot_load(checkpoint_args, arg
                for flag, name in _BUCKET_LAYOUT_SIZES
                if getattr(checkpoint_args, name, None) != getattr(args, name, None)]
     if changed:
-        raise ValueError(
+        raise CheckpointRefusal(
             "--use-distributed-optimizer: the checkpoint at --load holds the distributed "
             "optimizer's state in Megatron's default layout ('dp_reshardable'), which "
             "reshards across data-parallel sizes only, and this run changes "

@@ -8,12 +8,15 @@ the plugin; between runs Megatron's global state is reset and the process groups
 created are destroyed, so the next run may take another parallel layout on the same ranks.
 Starting 8 gloo processes costs about 1.5 min of imports on 2 cores, a run a few seconds.
 
-A run with ``expect_error`` (a substring) must fail with it; its message is kept. The report
+A run with ``expect_error`` (a substring) must fail with it, an exception or the entry
+point's one-line refusal (exit status 2); its message is kept. The report
 (written by rank 0): run name -> {"ok": bool, "error": message or None}. An unexpected
 failure stops the launch (the ranks may be out of step).
 """
 
+import contextlib
 import gc
+import io
 import json
 import sys
 import time
@@ -56,11 +59,28 @@ def release_megatron_state() -> None:
             torch.distributed.destroy_process_group(group)
 
 
+class _Tee(io.StringIO):
+    """Standard error, also kept: the entry point prints a refusal as one line (rank 0)."""
+
+    def write(self, text: str) -> int:
+        sys.__stderr__.write(text)
+        return super().write(text)
+
+
 def run(argv: list, expect_error: str | None) -> dict:
     from megatron_null_moe.pretrain_gpt import main
 
+    printed = _Tee()
     try:
-        main(argv)
+        with contextlib.redirect_stderr(printed):
+            main(argv)
+    except SystemExit as refused:  # a refusal: one "error:" line on rank 0, exit status 2 on all
+        errors = [line for line in printed.getvalue().splitlines() if ": error: " in line]
+        speaks = torch.distributed.get_rank() == 0
+        if (expect_error is None or refused.code != 2
+                or (speaks and not any(expect_error in line for line in errors))):
+            raise
+        return {"ok": False, "error": errors[-1] if errors else None}
     except Exception as error:  # noqa: BLE001 - reported, or raised again when unexpected
         message = f"{type(error).__name__}: {error}"
         if expect_error is None or expect_error not in message:

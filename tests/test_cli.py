@@ -92,6 +92,22 @@ def test_refusals_become_one_error_line_and_bugs_keep_their_traceback(capsys):
         raise KeyError("a bug")
 
 
+def test_only_the_named_refusal_becomes_a_line_around_a_whole_run(capsys):
+    """Around Megatron's pretrain only the plugin's checkpoint refusals become a line; a
+    ValueError of Megatron's (or a bug) keeps its traceback."""
+    from megatron_null_moe.training_hooks import CheckpointRefusal
+
+    with pytest.raises(SystemExit) as exit_info, refusals_as_errors(
+            "prog", refusal=CheckpointRefusal):
+        raise CheckpointRefusal("--use-distributed-optimizer: ...; allowed: --no-load-optim")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == \
+        "prog: error: --use-distributed-optimizer: ...; allowed: --no-load-optim\n"
+    with pytest.raises(ValueError, match="Megatron's own"), refusals_as_errors(
+            "prog", refusal=CheckpointRefusal):
+        raise ValueError("Megatron's own")
+
+
 def test_environment_line_says_what_is_missing():
     # On this machine neither Transformer Engine nor NVIDIA Apex is installed.
     assert environment_line(False, "fp32") == \

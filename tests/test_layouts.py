@@ -30,6 +30,7 @@ PATHS = ("megatron", "lean")
 LAYERS = ("01", "02", "03", "04")
 LOSS_RTOL = 2e-5  # fp32 sums in another order (other GEMM shapes, reductions over ranks)
 STATISTICS_ATOL = 1e-6
+ONE_LINE_REFUSAL = "megatron_null_moe.pretrain_gpt: error: "  # exit status 2, no traceback
 
 
 def _with_flags(arguments: list, values: dict) -> list:
@@ -249,6 +250,7 @@ def test_checkpoint_resumes_in_another_layout(runs, path, pair):
                                   if not moves])
 def test_optimizer_state_refused_across_expert_groups(runs, pair):
     error = runs.reports[f"megatron/{pair}_refused"]["error"]
+    assert error.startswith(ONE_LINE_REFUSAL), error
     assert "cannot load optimizer state across that change" in error, error
     assert "--no-load-optim" in error
 
@@ -256,5 +258,6 @@ def test_optimizer_state_refused_across_expert_groups(runs, pair):
 @pytest.mark.world_size(8)
 def test_distributed_optimizer_state_refused_without_apex_or_transformer_engine(runs):
     error = runs.reports["megatron/distributed_optimizer_state_refused"]["error"]
+    assert error.startswith(ONE_LINE_REFUSAL), error
     assert "--use-distributed-optimizer: without apex or Transformer Engine" in error, error
     assert "--no-load-optim" in error
