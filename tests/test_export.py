@@ -2,8 +2,9 @@
 
 test_upcycle's tiny random Qwen3 is upcycled (4 experts at granularity 2, top-2, rho 0.5, a
 shared expert), trained 20 iterations through the entry point with the budget controller
-(so the null selection bias is not 0) by one process on each expert path and by four ranks
-(PP=2 x EP=2, lean path), and exported. transformers loads each export; its logits, greedy
+(so the null selection bias is not 0) by one process on each expert path, by four ranks
+(PP=2 x EP=2, lean path) and by eight (TP=2 with sequence parallelism x PP=2 x EP=2, Megatron
+path, experts sharded over TP), and exported. transformers loads each export; its logits, greedy
 tokens and real experts per token are compared with the Megatron model's (TP=PP=EP=1,
 loading the same checkpoint, on the path it was trained on). Checkpoints, exports and models
 are made on first use and shared by the tests.
@@ -49,9 +50,16 @@ LAYOUTS = {
     "one-process-lean": ((), 1, "lean"),
     "pp2-ep2-lean": (("--pipeline-model-parallel-size", "2", "--expert-model-parallel-size",
                       "2", "--distributed-backend", "gloo"), 4, "lean"),
+    # The experts sharded over TP too (expert TP = TP 2, Megatron's default); the vocabulary
+    # padded to 64 x TP = 128 as one process pads it.
+    "tp2sp-pp2-ep2-megatron": (("--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                "--pipeline-model-parallel-size", "2",
+                                "--expert-model-parallel-size", "2",
+                                "--make-vocab-size-divisible-by", "64",
+                                "--distributed-backend", "gloo"), 8, "megatron"),
 }
-TRAINED = [pytest.param(name, marks=[pytest.mark.world_size(4)] if LAYOUTS[name][1] > 1 else [])
-           for name in LAYOUTS]
+TRAINED = [pytest.param(name, marks=[pytest.mark.world_size(LAYOUTS[name][1])]
+                        if LAYOUTS[name][1] > 1 else []) for name in LAYOUTS]
 PROMPTS = [torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(length))
            for length in (12, 7)]
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
