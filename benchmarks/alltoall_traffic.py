@@ -21,7 +21,6 @@ maximum over ranks.
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -57,29 +56,6 @@ def parse_arguments(argv=None):
     return args
 
 
-@contextlib.contextmanager
-def wire_log():
-    """Bytes every all_to_all_single of this process moved: [(sent, received)] to and from
-    other ranks, in call order."""
-    calls = []
-    original = torch.distributed.all_to_all_single
-
-    def logged(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-               **kwargs):
-        row = input[0].numel() * input.element_size() if input.shape[0] else 0
-        kept = input_split_sizes[torch.distributed.get_rank(group)] * row
-        calls.append((input.numel() * input.element_size() - kept,
-                      output.numel() * output.element_size() - kept))
-        return original(output, input, output_split_sizes=output_split_sizes,
-                        input_split_sizes=input_split_sizes, group=group, **kwargs)
-
-    torch.distributed.all_to_all_single = logged
-    try:
-        yield calls
-    finally:
-        torch.distributed.all_to_all_single = original
-
-
 def build_layer(shape, topk, rho, ep):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -107,6 +83,8 @@ def build_layer(shape, topk, rho, ep):
 def step(layer, rank, index, shape):
     """One forward + backward on this rank's tokens for step ``index``: (forward wire calls,
     backward wire calls, real assignments routed)."""
+    from megatron_null_moe.traffic import wire_log
+
     generator = torch.Generator().manual_seed(1_000 * index + rank)
     hidden = torch.randn(shape["tokens"] // 2, 2, shape["hidden"], generator=generator)
     hidden = hidden.to(torch.bfloat16).requires_grad_(True)
@@ -121,13 +99,10 @@ def step(layer, rank, index, shape):
 def control_budget(layer, topk):
     """The budget controller's step with this step's counters summed over all ranks."""
     from megatron_null_moe.budget import update_null_budgets
-    from megatron_null_moe.metrics import RoutingStatistics
-    from megatron_null_moe.training_hooks import collect_layer_counters
+    from megatron_null_moe.training_hooks import collect_layer_counters, statistics_from_counters
 
     row = collect_layer_counters([layer.router], 1, topk)[0]
-    statistics = RoutingStatistics.from_histogram(
-        row[:topk + 1].round().long(), layer.router.target_real_fraction, int(row[topk + 1]),
-        float(row[topk + 2]))
+    statistics = statistics_from_counters(row, layer.router.target_real_fraction)
     update_null_budgets([layer.router], {1: statistics})
     return statistics.real_fraction
 
@@ -147,7 +122,7 @@ def measure(layer, rank, shape, topk, rho, budget_steps, steps):
         forward, backward, routed = step(layer, rank, index, shape)
         totals["dispatch_sent"] += forward[0][0] + forward[1][0]  # tokens, routing weights
         totals["dispatch_received"] += forward[0][1] + forward[1][1]
-        for sent, received in forward + backward:
+        for sent, received, _kept in forward + backward:
             totals["sent"] += sent
             totals["received"] += received
         real += routed

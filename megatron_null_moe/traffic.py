@@ -13,10 +13,11 @@ other ranks, received from other ranks, and kept: the rows a rank sends to itsel
 copy inside the all-to-all that crosses no link.
 """
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -139,3 +140,28 @@ def collect_alltoall_traffic(counters: Dict[int, AllToAllTraffic], num_layers: i
     torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
     torch.distributed.all_reduce(sums, group=group)
     return torch.cat([maxima, sums], dim=1).cpu()
+
+
+@contextlib.contextmanager
+def wire_log() -> Iterator[List[Tuple[int, int, int]]]:
+    """Every all_to_all_single this process runs while inside, as (sent, received, kept)
+    bytes from the tensors and split sizes it is handed, in call order: what the counters
+    above must equal, measured apart from them (tests, benchmarks/alltoall_traffic.py)."""
+    calls = []
+    original = torch.distributed.all_to_all_single
+
+    def logged(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+               **kwargs):
+        rank = torch.distributed.get_rank(group)
+        row = input[0].numel() * input.element_size() if input.shape[0] else 0
+        kept = input_split_sizes[rank] * row
+        calls.append((input.numel() * input.element_size() - kept,
+                      output.numel() * output.element_size() - kept, kept))
+        return original(output, input, output_split_sizes=output_split_sizes,
+                        input_split_sizes=input_split_sizes, group=group, **kwargs)
+
+    torch.distributed.all_to_all_single = logged
+    try:
+        yield calls
+    finally:
+        torch.distributed.all_to_all_single = original

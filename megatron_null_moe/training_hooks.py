@@ -143,7 +143,7 @@ class NullExpertMonitor:
             return {}
         statistics = {}
         for index, row in enumerate(self.counters):
-            layer = _statistics_from_counters(row, self._target(args))
+            layer = statistics_from_counters(row, self._target(args))
             if layer.num_tokens:
                 statistics[index + 1] = layer
         return statistics
@@ -159,7 +159,7 @@ class NullExpertMonitor:
         """This step's statistics over all MoE layers and ranks (empty before a step ran)."""
         if self.counters is None or self._iteration != args.curr_iteration:
             return RoutingStatistics((0,) * (args.moe_router_topk + 1), self._target(args))
-        return _statistics_from_counters(self.counters.sum(dim=0), self._target(args))
+        return statistics_from_counters(self.counters.sum(dim=0), self._target(args))
 
     def mean_computed_experts(self, args) -> Optional[float]:
         """Measured expert computations per token over all MoE layers (None: none routed)."""
@@ -207,8 +207,9 @@ def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> t
     return counters.cpu()  # host copy: FLOPs, the controller's error and logs are Python numbers
 
 
-def _statistics_from_counters(row: torch.Tensor, target_real_fraction: float
-                              ) -> RoutingStatistics:
+def statistics_from_counters(row: torch.Tensor, target_real_fraction: float
+                             ) -> RoutingStatistics:
+    """RoutingStatistics of one row of collect_layer_counters (a layer, or their sum)."""
     topk = row.numel() - 5
     return RoutingStatistics.from_histogram(row[:topk + 1].round().long(), target_real_fraction,
                                             int(row[topk + 1]), float(row[topk + 2]))

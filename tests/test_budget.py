@@ -119,7 +119,7 @@ def _controller_step_on_ranks(rank, world_size, parallel_sizes, overrides, weigh
     """One step of micro-batches per rank (its tokens), the counters summed over every rank,
     one controller step; returns the bias and the global real fraction."""
     from megatron_null_moe.cpu import destroy_cpu_parallel_state, init_cpu_parallel_state
-    from megatron_null_moe.training_hooks import _statistics_from_counters, collect_layer_counters
+    from megatron_null_moe.training_hooks import collect_layer_counters, statistics_from_counters
 
     init_cpu_parallel_state(**parallel_sizes)
     try:
@@ -130,7 +130,7 @@ def _controller_step_on_ranks(rank, world_size, parallel_sizes, overrides, weigh
         for hidden in inputs[rank]:
             layer(hidden)[0].sum().backward()
         counters = collect_layer_counters([layer.router], num_layers=1, topk=4)
-        statistics = {1: _statistics_from_counters(counters[0], 0.5)}
+        statistics = {1: statistics_from_counters(counters[0], 0.5)}
         update_null_budgets([layer.router], statistics)
         return {"bias": layer.router.null_selection_bias.clone(),
                 "real_fraction": statistics[1].real_fraction,

@@ -1,36 +1,15 @@
 """Rank bodies for the all-to-all traffic tests (module level, so spawn can pickle them)."""
 
-import contextlib
-
 import torch
 
 from builders import build_moe_layer, moe_config_for
 from megatron_null_moe.cpu import destroy_cpu_parallel_state, init_cpu_parallel_state
-from megatron_null_moe.traffic import PHASES, alltoall_traffic, collect_alltoall_traffic
-
-
-@contextlib.contextmanager
-def wire_log():
-    """Every all_to_all_single this process runs, as (sent, received, kept) bytes from the
-    tensors and split sizes it is handed: the oracle the dispatchers' counts must equal."""
-    calls = []
-    original = torch.distributed.all_to_all_single
-
-    def logged(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-               **kwargs):
-        rank = torch.distributed.get_rank(group)
-        row = input[0].numel() * input.element_size() if input.shape[0] else 0
-        kept = input_split_sizes[rank] * row
-        calls.append((input.numel() * input.element_size() - kept,
-                      output.numel() * output.element_size() - kept, kept))
-        return original(output, input, output_split_sizes=output_split_sizes,
-                        input_split_sizes=input_split_sizes, group=group, **kwargs)
-
-    torch.distributed.all_to_all_single = logged
-    try:
-        yield calls
-    finally:
-        torch.distributed.all_to_all_single = original
+from megatron_null_moe.traffic import (
+    PHASES,
+    alltoall_traffic,
+    collect_alltoall_traffic,
+    wire_log,
+)
 
 
 def _rows_to_each_rank(routing_map_TN, ep_size):
