@@ -321,6 +321,12 @@ def lean_buffer_used(layer, device) -> str:
     return "real-rows" if real else "worst-case"
 
 
+def row_identity(precision, tokens, config_row) -> dict:
+    """What names a row (JSON ``rows``), measured, failed or skipped alike."""
+    return {"precision": precision, "tokens": tokens, "config": config_row.name,
+            "path": config_row.path, "topk": config_row.topk, "rho": config_row.rho}
+
+
 def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_gpu):
     """One configuration's row; its layer is freed when this returns."""
     layer, config = build_layer(shape, config_row, precision, on_gpu)
@@ -340,8 +346,7 @@ def measure_config(shape, config_row, precision, hidden, grad, timer, args, on_g
         probs, _ = layer.router(x)
         probs.float().sum().backward()
 
-    row = {"precision": precision, "tokens": hidden.shape[0], "config": config_row.name,
-           "path": config_row.path, "topk": config_row.topk, "rho": config_row.rho}
+    row = row_identity(precision, hidden.shape[0], config_row)
     null_router = config_row.path != "upstream"
     if config_row.path == "lean":
         row["lean_buffer"] = lean_buffer_used(layer, hidden.device)
@@ -396,9 +401,7 @@ def benchmark(args, save=lambda rows: None):
                 shape["device"], dtype)
             grad = torch.randn(hidden.shape, generator=generator).to(shape["device"], dtype)
             for config_row in configs:
-                base = {"precision": precision, "tokens": tokens, "config": config_row.name,
-                        "path": config_row.path, "topk": config_row.topk,
-                        "rho": config_row.rho}
+                base = row_identity(precision, tokens, config_row)
                 if args.max_seconds is not None and time.monotonic() - began > args.max_seconds:
                     rows.append(dict(base, error=f"skipped: --max-seconds {args.max_seconds}"))
                     continue

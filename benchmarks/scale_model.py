@@ -110,11 +110,11 @@ def mean_of(dicts: list) -> dict:
 
 def assignment_counts(gpt, batches) -> torch.Tensor:
     """int [layers, R, N]: real assignments from each batch (one rank's tokens) to each expert."""
+    from megatron_null_moe.metrics import null_expert_routers
+
     routed = []
-    routers = [module for module in gpt.modules()
-               if callable(getattr(module, "pop_routing_statistics", None))]
     hooks = [router.register_forward_hook(lambda _m, _i, out: routed.append(out[1]))
-             for router in routers]
+             for _, router in null_expert_routers(gpt)]
     counts = []
     gpt.eval()
     try:
@@ -143,10 +143,10 @@ def hold_budget(gpt, batches, target: float) -> None:
     ``batches`` is ``target``, as the budget controller holds it on average during training
     (the last step's bias carries that step's error). Layer by layer, since a layer's
     inputs depend on the routing before it; calibrate_null_offset bisects the offset."""
+    from megatron_null_moe.metrics import null_expert_routers
     from megatron_null_moe.upcycle.router_init import calibrate_null_offset
 
-    routers = sorted((module for module in gpt.modules()
-                      if callable(getattr(module, "pop_routing_statistics", None))),
+    routers = sorted((router for _, router in null_expert_routers(gpt)),
                      key=lambda router: router.layer_number)
     for router in routers:
         inputs = []
