@@ -1,14 +1,17 @@
 """Launch flags: the plugin's own argument group on Megatron's parser.
 
 Pass ``add_null_expert_args`` as ``extra_args_provider`` to Megatron's
-``parse_and_validate_args``; then ``null_expert_config_from_args(args)`` checks the flag
-combinations and returns the ``NullExpertConfig`` (None when null experts are off).
+``parse_and_validate_args``: the parser then checks the plugin's flags right after argparse's
+own checks (a refusal is one ``prog: error:`` line, before Megatron validates and prints its
+arguments) and, with null experts on, makes alltoall the default dispatcher. Later
+``null_expert_config_from_args(args)`` returns the ``NullExpertConfig`` (None when null
+experts are off) and ``warn_where_the_flags_lose(args)`` says what the launch gives away.
 """
 
 import argparse
 import logging
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_null_moe.budget import DEFAULT_RATE
 from megatron_null_moe.config import (
@@ -30,10 +33,21 @@ EXPERT_PATH_FLAG = "--moe-null-expert-path"
 EXPERT_PATH_CHOICES = ("megatron", "lean")  # megatron_null_moe.spec.EXPERT_PATHS
 # Balance-loss scope -> Megatron's --moe-router-load-balancing-type.
 BALANCE_SCOPES = {"micro-batch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
+DISPATCHER_FLAG = "--moe-token-dispatcher-type"
+# Null slots cross no all-to-all; Megatron's default (allgather) gathers every token anyway.
+NULL_EXPERT_DISPATCHER = "alltoall"
+# Set on the parsed arguments when the plugin chose the dispatcher (the start-up line says so).
+DISPATCHER_CHOSEN = "moe_null_chose_token_dispatcher"
 
 
-def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The plugin's flags; also makes Megatron's own --help printable."""
+def add_null_expert_args(parser: argparse.ArgumentParser,
+                         refuse: Optional[Callable[[argparse.Namespace], None]] = None
+                         ) -> argparse.ArgumentParser:
+    """The plugin's flags, checked right after parsing; also makes Megatron's --help printable.
+
+    refuse: a further check of the parsed arguments (raises ValueError), e.g. the entry
+    point's refusal of Megatron-LM features it does not carry.
+    """
     _escape_bare_percent_signs(parser)
     # argparse prints the usage above each refusal: Megatron's is ~700 lines of flags.
     parser.usage = "%(prog)s [Megatron arguments] [null-expert flags] (--help lists them)"
@@ -96,7 +110,49 @@ def add_null_expert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
              "real-rows on the CPU, worst-case on a GPU. With expert parallelism the count "
              "is on the host anyway (the all-to-all's split sizes): real rows always.",
     )
+    _default_dispatcher_to_alltoall(parser)
+    _check_after_parsing(parser, refuse)
     return parser
+
+
+def _default_dispatcher_to_alltoall(parser: argparse.ArgumentParser) -> None:
+    # No default on the parser tells a dispatcher left at Megatron's default from a given one.
+    action = next(a for a in parser._actions if a.dest == "moe_token_dispatcher_type")
+    action.megatron_default, action.default = action.default, None
+    action.help = (f"{action.help.rstrip()} With {RHO_FLAG} the default is "
+                   f"{NULL_EXPERT_DISPATCHER}: only real assignments cross the all-to-all.")
+
+
+def resolve_token_dispatcher(args: argparse.Namespace, megatron_default: str) -> None:
+    """Fill in a dispatcher left at the default: alltoall with null experts, else Megatron's."""
+    chosen = (args.moe_token_dispatcher_type is None and bool(args.num_experts)
+              and getattr(args, "moe_null_expert_rho", None) is not None)
+    setattr(args, DISPATCHER_CHOSEN, chosen)
+    if args.moe_token_dispatcher_type is None:
+        args.moe_token_dispatcher_type = NULL_EXPERT_DISPATCHER if chosen else megatron_default
+
+
+def _check_after_parsing(parser: argparse.ArgumentParser,
+                         refuse: Optional[Callable[[argparse.Namespace], None]]) -> None:
+    # Megatron validates, then prints ~800 lines of arguments, before any model exists; the
+    # plugin's flags are checked where argparse checks its own, so a refusal comes first. The
+    # parser is Megatron's, so its parse_known_args (which parse_args calls) is wrapped.
+    parse_known_args = parser.parse_known_args
+    megatron_default = next(a for a in parser._actions
+                            if a.dest == "moe_token_dispatcher_type").megatron_default
+
+    def parse_known_and_check(args=None, namespace=None):
+        parsed, unknown = parse_known_args(args, namespace)
+        resolve_token_dispatcher(parsed, megatron_default)
+        try:
+            if refuse is not None:
+                refuse(parsed)
+            null_expert_config_from_args(parsed)
+        except ValueError as error:  # under torchrun every rank exits, rank 0 says why
+            parser.exit(2, f"{parser.prog}: error: {error}\n" if is_rank_zero() else None)
+        return parsed, unknown
+
+    parser.parse_known_args = parse_known_and_check
 
 
 def _escape_bare_percent_signs(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +183,7 @@ def null_expert_path_from_args(args: argparse.Namespace) -> str:
 def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExpertConfig]:
     """The NullExpertConfig the flags ask for, or None; applies the balance scope to ``args``.
 
-    Raises ValueError naming the flags for combinations that cannot work; warns (rank 0)
-    where nothing would hold the budget.
+    Raises ValueError naming the flags for combinations that cannot work.
     """
     rho = getattr(args, "moe_null_expert_rho", None)
     copies = getattr(args, "moe_num_null_experts", None)
@@ -155,20 +210,29 @@ def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExper
         budget_control_rate=(rate if rate is not None else DEFAULT_RATE) if controller else None,
         lean_buffer=lean_buffer,
     )
-    # Fractional or contradicting M fails here, at start-up.
-    holds_budget = null_config.null_copies_for(args.num_experts) == 0 or controller
+    null_config.null_copies_for(args.num_experts)  # fractional or contradicting M fails here
     if scope is not None:
         _apply_balance_scope(args, scope)
+    return null_config
+
+
+def warn_where_the_flags_lose(args: argparse.Namespace,
+                              null_config: Optional[NullExpertConfig]) -> None:
+    """Warn (rank 0) where a launch that works gives away what null experts are for: nothing
+    holds the budget, or the dispatcher sends null slots anyway."""
+    if null_config is None:
+        return
+    holds_budget = (null_config.null_copies_for(args.num_experts) == 0
+                    or null_config.budget_control_rate is not None)
     if not holds_budget and not _balance_loss_on(args):
         _warn_on_rank_0(
-            f"{RHO_FLAG} {rho} with no balance loss (--moe-aux-loss-coeff "
+            f"{RHO_FLAG} {null_config.real_fraction} with no balance loss (--moe-aux-loss-coeff "
             f"{args.moe_aux_loss_coeff}, --moe-router-load-balancing-type "
             f"{args.moe_router_load_balancing_type}) and no {BUDGET_CONTROLLER_FLAG}: nothing "
             f"pulls the real fraction towards the target, so the expert FLOPs are not held. "
             f"Set --moe-aux-loss-coeff (paper: 2e-2) or add {BUDGET_CONTROLLER_FLAG}.")
     if args.moe_token_dispatcher_type == "allgather":
         warn_allgather_saves_no_communication()
-    return null_config
 
 
 def _balance_loss_on(args: argparse.Namespace) -> bool:

@@ -24,17 +24,25 @@ from megatron.training import get_args, get_timers, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+# Megatron-LM's pretrain_gpt.py features whose datasets or batches this entry point lacks:
+# (flag, args attribute, what it is).
+UNSUPPORTED_FEATURES = (
+    ("--sft", "sft", "supervised fine-tuning datasets"),
+    ("--fim-data", "fim_data", "fill-in-the-middle datasets"),
+    ("--dataloader-inter-document-masking", "dataloader_inter_document_masking",
+     "packed sequences with per-document attention"),
+    ("--hybrid-context-parallel", "hybrid_context_parallel",
+     "per-sequence context-parallel batches"),
+)
 
 
 def refuse_unsupported(args) -> None:
     """Fail at start-up on the pretrain_gpt.py features this entry point does not carry."""
-    for flag, name in (("--sft", "sft"), ("--fim-data", "fim_data"),
-                       ("--dataloader-inter-document-masking",
-                        "dataloader_inter_document_masking"),
-                       ("--hybrid-context-parallel", "hybrid_context_parallel")):
+    for flag, name, what in UNSUPPORTED_FEATURES:
         if getattr(args, name, False):
-            raise ValueError(f"megatron_null_moe.pretrain_gpt does not support {flag}; "
-                             "use Megatron-LM's pretrain_gpt.py with patches/ for it.")
+            raise ValueError(f"{flag} ({what}) is not carried by this entry point, whose data "
+                             "path is plain GPT pretraining; run Megatron-LM's pretrain_gpt.py "
+                             "with the plugin's patch (patches/) for it.")
     if getattr(args, "moe_use_upcycling", False):
         # Measured with the megatron-core 0.19.2 wheel: load_and_upcycle_model passes model=
         # to load_checkpoint(ddp_model, ...) (TypeError), and the dense model it builds comes

@@ -61,16 +61,23 @@ def apply_null_expert_spec(model_config, null_config: Optional[NullExpertConfig]
             null_expert_layer_spec, null_config=null_config, expert_path=expert_path)
 
 
+def add_entry_point_args(parser):
+    """The plugin's flags on Megatron's parser, with this entry point's name and refusals."""
+    from megatron_null_moe import gpt_step
+    from megatron_null_moe.arguments import add_null_expert_args
+
+    parser.prog = PROG
+    return add_null_expert_args(parser, refuse=gpt_step.refuse_unsupported)
+
+
 def parse_arguments(argv=None):
     """Megatron's parse and validate, with the plugin's flags (argv: without the program)."""
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_null_moe.arguments import add_null_expert_args
-
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     return parse_and_validate_args(
-        extra_args_provider=add_null_expert_args,
+        extra_args_provider=add_entry_point_args,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
     )
 
@@ -96,10 +103,10 @@ def main(argv=None) -> None:
         from megatron_null_moe import gpt_step
         from megatron_null_moe.arguments import null_expert_path_from_args
 
+        # The plugin's flags and this entry point's refusals are checked as they are parsed.
         args = parse_arguments(argv)
-        # Refusals of the flags and of what they contradict: one line, before any model.
+        # Refusals of the Megatron options the flags contradict: one line, before any model.
         with refusals_as_errors(PROG, speaks=is_rank_zero()):
-            gpt_step.refuse_unsupported(args)
             null_config = monitor.configure(args)
             model_config = gpt_config_from_args(args)
             apply_null_expert_spec(model_config, null_config, custom_spec=args.spec is not None,

@@ -33,7 +33,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_null_moe.arguments import expert_path_of
+from megatron_null_moe.arguments import DISPATCHER_CHOSEN, expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
 from megatron_null_moe.cli import environment_line
 from megatron_null_moe.config import NullExpertConfig
@@ -71,13 +71,17 @@ class NullExpertMonitor:
     def configure(self, args) -> Optional[NullExpertConfig]:
         """After Megatron parsed ``args``: check the null-expert flags, say at start-up what
         they mean, and return the NullExpertConfig (None when null experts are off)."""
-        from megatron_null_moe.arguments import null_expert_config_from_args
+        from megatron_null_moe.arguments import (
+            null_expert_config_from_args,
+            warn_where_the_flags_lose,
+        )
 
         if self.on_cpu and args.distributed_backend != "gloo":
             _print_rank_0(f"--distributed-backend {args.distributed_backend} needs CUDA; "
                           "using gloo")
             args.distributed_backend = "gloo"
         self.null_config = null_expert_config_from_args(args)
+        warn_where_the_flags_lose(args, self.null_config)
         if args.num_experts:
             rho = self.null_config.pool_real_fraction(args.num_experts) if self.null_config \
                 else 1.0
@@ -176,10 +180,14 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
               if null_config.budget_control_rate is not None else "budget controller off")
     path = expert_path_of(args)
     buffers = f"lean buffers {null_config.lean_buffer}; " if path == "lean" else ""
+    dispatcher = f"dispatcher {args.moe_token_dispatcher_type}"
+    if getattr(args, DISPATCHER_CHOSEN, False):
+        dispatcher += (" (chosen for null experts: Megatron's default, allgather, would send "
+                       "null slots too)")
     return (f"null experts: N={num_experts} real + M={null_config.null_copies_for(num_experts)} "
             f"null copies, top-{topk}; target real fraction {rho:.4g} ({rho * topk:.4g} real "
             f"experts per token on average, each token between {fewest} and {most}); {holder}; "
-            f"{buffers}expert path {path}.")
+            f"{buffers}expert path {path}; {dispatcher}.")
 
 
 def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:

@@ -2,15 +2,18 @@
 
 import argparse
 import logging
+import re
 
 import pytest
 
 from megatron.training.arguments import add_megatron_arguments
 
 from megatron_null_moe.arguments import (
+    DISPATCHER_CHOSEN,
     add_null_expert_args,
     null_expert_config_from_args,
     null_expert_path_from_args,
+    warn_where_the_flags_lose,
 )
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
@@ -60,9 +63,38 @@ def test_explicit_null_copies():
      "--moe-null-balance-scope=global asks for 'global_aux_loss' but "
      "--moe-router-load-balancing-type is seq_aux_loss"),
 ])
-def test_bad_combinations_fail_naming_the_flags(argv, message):
-    with pytest.raises(ValueError, match=message):
-        null_expert_config_from_args(parse(*argv))
+def test_bad_combinations_fail_naming_the_flags(argv, message, capsys):
+    """Refused as the arguments are parsed: one error line and argparse's exit status."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.match(r"\S+: error: ", error), error
+    assert re.search(message, error), error
+    with pytest.raises(ValueError, match=message):  # the same check on parsed arguments
+        null_expert_config_from_args(unchecked_parse(*argv))
+
+
+def unchecked_parse(*argv):
+    """The same parser without the plugin's checks at parse time (argparse's own method)."""
+    parser = add_null_expert_args(add_megatron_arguments(argparse.ArgumentParser()))
+    args, unknown = argparse.ArgumentParser.parse_known_args(parser, [*BASE, *argv])
+    assert not unknown
+    return args
+
+
+def test_dispatcher_defaults_to_alltoall_with_null_experts():
+    with_null = parse(*MOE, "--moe-null-expert-rho", "0.5")
+    assert with_null.moe_token_dispatcher_type == "alltoall" and getattr(with_null,
+                                                                         DISPATCHER_CHOSEN)
+    without = parse(*MOE)
+    assert without.moe_token_dispatcher_type == "allgather"  # Megatron's default, untouched
+    assert not getattr(without, DISPATCHER_CHOSEN)
+    for dispatcher in ("allgather", "alltoall", "flex"):
+        given = parse(*MOE, "--moe-null-expert-rho", "0.5",
+                      "--moe-token-dispatcher-type", dispatcher)
+        assert given.moe_token_dispatcher_type == dispatcher
+        assert not getattr(given, DISPATCHER_CHOSEN)
 
 
 def test_expert_path_flag():
@@ -81,8 +113,8 @@ def test_lean_buffer_flag():
     with pytest.raises(ValueError, match="--moe-null-lean-buffer worst-case needs "
                                          "--moe-null-expert-path lean; allowed on the megatron "
                                          "path: auto"):
-        null_expert_config_from_args(parse(*MOE, "--moe-null-expert-rho", "0.5",
-                                           "--moe-null-lean-buffer", "worst-case"))
+        null_expert_config_from_args(unchecked_parse(*MOE, "--moe-null-expert-rho", "0.5",
+                                                     "--moe-null-lean-buffer", "worst-case"))
 
 
 def test_unknown_lean_buffer_rejected_by_the_parser(capsys):
@@ -107,11 +139,21 @@ def test_allgather_warns_once_in_one_wording(caplog, monkeypatch):
     args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-aux-loss-coeff", "0.01",
                  "--moe-token-dispatcher-type", "allgather")
     with caplog.at_level(logging.WARNING):
-        null_expert_config_from_args(args)
-        null_expert_config_from_args(args)
+        warn_where_the_flags_lose(args, null_expert_config_from_args(args))
+        warn_where_the_flags_lose(args, null_expert_config_from_args(args))
         dispatcher_module.warn_allgather_saves_no_communication()
     assert [r.name for r in caplog.records] == ["megatron_null_moe.dispatcher"]
     assert "save no communication" in caplog.text
+
+
+def test_default_dispatcher_does_not_warn(caplog, monkeypatch):
+    import megatron_null_moe.dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "_allgather_warned", False)
+    args = parse(*MOE, "--moe-null-expert-rho", "0.5", "--moe-aux-loss-coeff", "0.01")
+    with caplog.at_level(logging.WARNING):
+        warn_where_the_flags_lose(args, null_expert_config_from_args(args))
+    assert "save no communication" not in caplog.text
 
 
 def test_help_explains_rho(capsys):
@@ -121,6 +163,7 @@ def test_help_explains_rho(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "target fraction of each token's --moe-router-topk slots that go to real experts" in text
     assert "in (0, 1]" in text
+    assert "With --moe-null-expert-rho the default is alltoall" in text
 
 
 def test_budget_controller_flags():
@@ -142,6 +185,7 @@ def test_budget_controller_flags():
     (("--moe-null-expert-rho", "1.0"), False),
 ])
 def test_warns_when_nothing_holds_the_budget(argv, warns, caplog):
+    args = parse(*MOE, *argv)
     with caplog.at_level(logging.WARNING, logger="megatron_null_moe.arguments"):
-        null_expert_config_from_args(parse(*MOE, *argv))
+        warn_where_the_flags_lose(args, null_expert_config_from_args(args))
     assert ("nothing pulls the real fraction towards the target" in caplog.text) == warns

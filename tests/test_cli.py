@@ -62,13 +62,21 @@ def test_demo_and_its_workers_are_quiet(tmp_path):
                                             "local layers, fp32"
 
 
-@pytest.mark.parametrize("flags, named", [
+ARGUMENT_DUMP = "------------------------ arguments ------------------------"
+
+
+@pytest.mark.parametrize("flags, named, before_megatrons_arguments", [
     (["--moe-null-budget-controller", "--moe-null-budget-rate", "-1"],
-     "--moe-null-budget-rate) must be a positive finite number"),
-    (["--moe-null-budget-rate", "2"], "--moe-null-budget-rate needs --moe-null-budget-controller"),
-    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function"),
+     "--moe-null-budget-rate) must be a positive finite number", True),
+    (["--moe-null-budget-rate", "2"], "--moe-null-budget-rate needs --moe-null-budget-controller",
+     True),
+    (["--sft"], "--sft (supervised fine-tuning datasets) is not carried by this entry point",
+     True),
+    # A Megatron option the plugin cannot honour is known once Megatron built its config.
+    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function", False),
 ])
-def test_entry_point_refuses_a_flag_in_one_line_before_the_model(flags, named):
+def test_entry_point_refuses_a_flag_in_one_line_before_the_model(flags, named,
+                                                                 before_megatrons_arguments):
     result = _run("-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT, "--train-iters", "1",
                   *flags)
     assert result.returncode == 2
@@ -76,6 +84,7 @@ def test_entry_point_refuses_a_flag_in_one_line_before_the_model(flags, named):
     assert last.startswith("megatron_null_moe.pretrain_gpt: error: ") and named in last
     assert "Traceback" not in result.stderr
     assert "number of parameters" not in result.stdout  # Megatron says so once it built one
+    assert (ARGUMENT_DUMP not in result.stdout) == before_megatrons_arguments
     assert _notices(result) == []
     assert "CPU run: no Transformer Engine, no Apex; local layers" in result.stdout
 
@@ -139,7 +148,7 @@ def test_argparse_refusal_of_a_plugin_flag_is_two_short_lines(monkeypatch, capsy
     assert exit_info.value.code == 2
     # Importing Megatron's training code here may log first (this is a library import).
     usage, error = capsys.readouterr().err.strip().splitlines()[-2:]
-    assert usage == "usage: pretrain_gpt.py [Megatron arguments] [null-expert flags] " \
-                    "(--help lists them)"
-    assert error.startswith("pretrain_gpt.py: error: argument --moe-null-expert-path: "
-                            "invalid choice: 'bogus'")
+    assert usage == "usage: megatron_null_moe.pretrain_gpt [Megatron arguments] " \
+                    "[null-expert flags] (--help lists them)"
+    assert error.startswith("megatron_null_moe.pretrain_gpt: error: argument "
+                            "--moe-null-expert-path: invalid choice: 'bogus'")

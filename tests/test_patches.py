@@ -208,6 +208,7 @@ def test_patched_script_prints_help_and_trains_with_null_statistics_on_the_cpu(t
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "running on the CPU through the CPU harness" in output
+    assert "; dispatcher alltoall (chosen for null experts" in output  # none given
     for key in ("null real fraction", "null expected real experts/token", "null budget bias",
                 "null worst layer real fraction error"):
         assert key in output, key
