@@ -1,4 +1,5 @@
-"""LeanGroupedExperts against Megatron's SequentialMLP: weights, math, FP8 operands, checkpoints."""
+"""LeanGroupedExperts against Megatron's SequentialMLP: weights, math, FP8 operands, checkpoints;
+moe_act recompute against keeping the activation."""
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from megatron_null_moe.lean.support import validate_lean_experts
 
 ACTIVATIONS = {"swiglu": dict(gated_linear_unit=True, activation_func=F.silu),
                "gelu": dict(gated_linear_unit=False, activation_func=F.gelu)}
+# Megatron accepts moe_act recompute with grouped-GEMM experts only (moe_grouped_gemm).
+MOE_ACT_RECOMPUTE = dict(recompute_granularity="selective", recompute_modules=["moe_act"],
+                         moe_grouped_gemm=True)
 
 
 def _pair(seed=3, **overrides):
@@ -78,13 +82,104 @@ def _as_layer(experts):
     return layer
 
 
-def test_no_rows_at_all_still_gives_zero_weight_gradients(parallel_state):
-    _, lean = _pair()
+@pytest.mark.parametrize("recompute", [False, True])
+def test_no_rows_at_all_still_gives_zero_weight_gradients(parallel_state, recompute):
+    experts = _lean_experts(recompute)
     x = torch.zeros(0, 16, requires_grad=True)
-    output, _ = lean.experts(x, torch.zeros(8, dtype=torch.long), torch.zeros(0))
+    probs = torch.zeros(0, requires_grad=True)
+    output, _ = experts(x, torch.zeros(8, dtype=torch.long), probs)
     output.sum().backward()
-    assert output.shape == (0, 16)
-    assert torch.all(lean.experts.linear_fc1.weight.grad == 0)
+    assert output.shape == (0, 16) and probs.grad.shape == (0,)
+    assert torch.all(experts.linear_fc1.weight.grad == 0)
+    assert torch.all(experts.linear_fc2.weight.grad == 0)
+
+
+def _lean_experts(recompute, seed=3, **overrides):
+    """Lean experts from the seed, with or without moe_act recompute (nothing else differs)."""
+    settings = dict(moe_grouped_gemm=True, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+                    **overrides)
+    settings.update(MOE_ACT_RECOMPUTE if recompute else {})
+    layer = build_moe_layer(moe_config(**settings), real_fraction=0.5, seed=seed,
+                            expert_path="lean")
+    assert layer.experts.activation_recompute == recompute
+    return layer.experts
+
+
+def _expert_inputs(dtype=torch.float32, spare=5):
+    """(tokens per expert, hidden, probs, target): two experts without tokens, and ``spare``
+    unused rows after the last expert's (the worst-case buffer's), holding NaN."""
+    counts = torch.tensor([3, 0, 5, 1, 0, 4, 2, 1])
+    rows = int(counts.sum())
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows + spare, 16, generator=generator).to(dtype)
+    hidden[rows:] = float("nan")
+    probs = torch.rand(rows + spare, generator=generator)
+    target = torch.randn(rows, 16, generator=generator)
+    return counts, hidden, probs, target
+
+
+def _forward_backward(experts, counts, hidden, probs, target):
+    """[output, input grad, probs grad, fc1 grad, fc2 grad] over the used rows."""
+    rows = target.shape[0]
+    x, p = hidden.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    output, _ = experts(x, counts, p)
+    (output[:rows].float() * target).sum().backward()
+    return [output[:rows].detach(), x.grad[:rows], p.grad[:rows],
+            experts.linear_fc1.weight.grad, experts.linear_fc2.weight.grad]
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_act_recompute_equals_keeping_the_activation(parallel_state, activation, dtype):
+    """Recomputation replays the same ops on the same fc1 output: bit-equal output and
+    gradients (input, routing weights, both weights)."""
+    settings = dict(ACTIVATIONS[activation], params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    inputs = _expert_inputs(dtype)
+    kept, recomputed = (_forward_backward(_lean_experts(recompute, **settings).to(dtype), *inputs)
+                        for recompute in (False, True))
+    names = ["output", "input grad", "probs grad", "fc1 grad", "fc2 grad"]
+    for name, ours, theirs in zip(names, recomputed, kept):
+        assert torch.equal(ours, theirs), name
+    assert recomputed[2].abs().sum() > 0 and recomputed[4].abs().sum() > 0
+
+
+def _storages_saved_for_backward(experts, counts, hidden, probs):
+    """(storages autograd still holds after the forward, the storages of the experts' inputs,
+    weights, offsets and fc1 output, fc2's input tensor), storages by data pointer."""
+    saved, seen = [], {}
+    hooks = [experts.linear_fc1.register_forward_hook(
+                 lambda module, args, output: seen.update(offsets=args[1], fc1_output=output)),
+             experts.linear_fc2.register_forward_pre_hook(
+                 lambda module, args: seen.update(fc2_input=args[0]))]
+    x, p = hidden.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        output, _ = experts(x, counts, p)
+    for hook in hooks:
+        hook.remove()
+
+    def live(tensors):
+        return {t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().nbytes()}
+
+    necessary = live([x, p, experts.linear_fc1.weight, experts.linear_fc2.weight,
+                      seen["offsets"], seen["fc1_output"]])
+    return live(saved), necessary, seen["fc2_input"], output
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_moe_act_recompute_keeps_no_activation_for_backward(parallel_state, activation):
+    """After the forward, backward holds only the experts' inputs, weights and fc1's output:
+    the weighted activation fc2 saved has released its storage (as Megatron's
+    CheckpointWithoutOutput does), and it is refilled for the backward."""
+    counts, hidden, probs, target = _expert_inputs()
+    held, necessary, fc2_input, _ = _storages_saved_for_backward(
+        _lean_experts(False, **ACTIVATIONS[activation]), counts, hidden, probs)
+    assert not held <= necessary and fc2_input.untyped_storage().nbytes() > 0
+    experts = _lean_experts(True, **ACTIVATIONS[activation])
+    held, necessary, fc2_input, output = _storages_saved_for_backward(experts, counts, hidden,
+                                                                      probs)
+    assert held <= necessary and fc2_input.untyped_storage().nbytes() == 0
+    (output[:target.shape[0]] * target).sum().backward()
+    assert fc2_input.untyped_storage().nbytes() == fc2_input.numel() * fc2_input.itemsize
 
 
 def test_options_the_lean_experts_cannot_honour_are_refused():
@@ -94,6 +189,12 @@ def test_options_the_lean_experts_cannot_honour_are_refused():
                              "--moe-apply-probs-on-input")):
         with pytest.raises(ValueError, match=f"lean.*{flag}.*allowed"):
             validate_lean_experts(moe_config(**overrides))
+    config = moe_config(**MOE_ACT_RECOMPUTE)
+    validate_lean_experts(config)  # the activation is recomputed, ...
+    config.fine_grained_activation_offloading, config.offload_modules = True, ["moe_act"]
+    with pytest.raises(ValueError, match=r"offload_modules=\['moe_act'\] \(--offload-modules\); "
+                                         "allowed: none of 'expert_fc1', 'moe_act'"):
+        validate_lean_experts(config)  # ... never offloaded
     config = moe_config()
     config.fp8, config.fp8_recipe = "hybrid", "delayed"  # FP8 configs need TE to be built
     with pytest.raises(ValueError, match="--fp8-recipe.*allowed: 'tensorwise'"):
@@ -207,3 +308,29 @@ def test_torch_dist_checkpoints_load_both_ways(parallel_state, tmp_path):
         saved, loaded = named_expert_tensors(source), named_expert_tensors(target)
         for name, tensor in saved.items():
             assert torch.equal(loaded[name], tensor), name
+
+
+def test_moe_act_recompute_releases_the_fp8_fc2_input_on_an_emulated_kernel(parallel_state,
+                                                                           monkeypatch):
+    """FP8's fc2 saves its BF16 input (for the BF16 weight gradient), not the E4M3 copy: that
+    input is released too, and recomputation gives the same output and gradients."""
+    kernel_calls = []
+    monkeypatch.setattr(torch, "_scaled_grouped_mm",
+                        lambda *args, **kwargs: kernel_calls.append(1)
+                        or _emulated_scaled_grouped_mm(*args, **kwargs))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    counts, hidden, probs, target = _expert_inputs(torch.bfloat16)
+    results = []
+    for recompute in (False, True):
+        experts = _lean_experts(recompute, params_dtype=torch.bfloat16, bf16=True,
+                                **ACTIVATIONS["swiglu"])
+        experts.config.fp8 = "e4m3"  # set after the build: FP8 configs need TE to be built
+        held, necessary, fc2_input, _ = _storages_saved_for_backward(experts, counts, hidden,
+                                                                     probs)
+        assert (held <= necessary) == recompute
+        assert (fc2_input.untyped_storage().nbytes() == 0) == recompute
+        results.append(_forward_backward(experts, counts, hidden, probs, target))
+    for kept, recomputed in zip(*results):
+        assert torch.equal(recomputed, kept)
+    # Per setting: fc1 and fc2 in two forwards and one backward (input gradients).
+    assert len(kernel_calls) == 2 * 2 * 3

@@ -70,6 +70,41 @@ def test_moe_layer_recompute(parallel_state):
     _compare(dict(recompute_granularity="selective", recompute_modules=["moe"]))
 
 
+# Megatron accepts moe_act recompute with grouped-GEMM experts only (moe_grouped_gemm).
+MOE_ACT_RECOMPUTE = dict(recompute_granularity="selective", recompute_modules=["moe_act"],
+                         moe_grouped_gemm=True)
+SWIGLU = dict(gated_linear_unit=True, activation_func=F.silu)
+
+
+def test_moe_act_recompute_equals_the_megatron_path(parallel_state):
+    _compare(dict(MOE_ACT_RECOMPUTE, **SWIGLU))
+
+
+@pytest.mark.parametrize("lean_buffer", BUFFERS)
+@pytest.mark.parametrize("activation", [SWIGLU, dict(gated_linear_unit=False,
+                                                      activation_func=F.gelu)],
+                         ids=["swiglu", "gelu"])
+def test_moe_act_recompute_equals_keeping_the_activation(parallel_state, lean_buffer,
+                                                         activation):
+    """The lean layer recomputing its expert activation in backward gives bit-equal outputs
+    and gradients (router included) to the one keeping it, on either buffer."""
+    hidden = torch.randn(12, 2, 16, generator=torch.Generator().manual_seed(4))
+    target = torch.randn(12, 2, 16, generator=torch.Generator().manual_seed(5))
+    results = []
+    for recompute in (False, True):
+        settings = dict(activation, moe_grouped_gemm=True)
+        settings.update(MOE_ACT_RECOMPUTE if recompute else {})
+        layer = build_moe_layer(moe_config(**settings), real_fraction=0.5, seed=4,
+                                expert_path="lean", lean_buffer=lean_buffer)
+        assert layer.experts.activation_recompute == recompute
+        results.append(_run(layer, hidden, target))
+    (out_kept, dx_kept, grads_kept), (out, dx, grads) = results
+    assert torch.equal(out, out_kept) and torch.equal(dx, dx_kept)
+    assert grads.keys() == grads_kept.keys() and "router.weight" in grads
+    for name, grad in grads_kept.items():
+        assert torch.equal(grads[name], grad), name
+
+
 def test_shared_experts(parallel_state):
     (out, _, grads), _ = _compare(dict(moe_shared_expert_intermediate_size=32))
     assert grads["shared_experts.linear_fc1.weight"].abs().sum() > 0

@@ -11,10 +11,12 @@ Legend: M rows, H hidden, F expert FFN size (2F for fc1 with a gated linear unit
 experts.
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
 
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -50,6 +52,21 @@ def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> to
         limit = config.activation_func_clamp_value
         gate, linear = gate.clamp(max=limit), linear.clamp(min=-limit, max=limit)
     return config.activation_func(gate) * (linear + config.glu_linear_offset)
+
+
+def weighted_activation(fc1_output: torch.Tensor, probs_M: torch.Tensor,
+                        config: TransformerConfig) -> torch.Tensor:
+    """[M, F]: fc2's input, the expert activation times each row's routing weight, in the
+    activation's dtype (as Megatron's experts multiply it)."""
+    activated = expert_activation(fc1_output, config)
+    return (activated * probs_M.unsqueeze(-1)).to(activated.dtype)
+
+
+def recomputes_moe_act(config: TransformerConfig) -> bool:
+    """Whether ``--recompute-granularity selective --recompute-modules moe_act`` asks the
+    experts to recompute their activation in backward (Megatron's test in TEGroupedMLP)."""
+    return (config.recompute_granularity == "selective"
+            and "moe_act" in (config.recompute_modules or []))
 
 
 def fp8_active(config: TransformerConfig) -> bool:
@@ -97,7 +114,9 @@ class LeanGroupedExperts(MegatronModule):
 
     Parameters: ``linear_fc1.weight`` [L, 2F or F, H] and ``linear_fc2.weight`` [L, H, F],
     initialised expert by expert exactly as SequentialMLP initialises its experts. Routing
-    weights multiply the activation before fc2, as in Megatron's experts.
+    weights multiply the activation before fc2, as in Megatron's experts; with
+    ``--recompute-granularity selective --recompute-modules moe_act`` that weighted
+    activation is recomputed in backward instead of kept.
     """
 
     def __init__(self, num_local_experts: int, config: TransformerConfig,
@@ -107,6 +126,7 @@ class LeanGroupedExperts(MegatronModule):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         self.num_local_experts = num_local_experts
+        self.activation_recompute = recomputes_moe_act(config)
         self.ep_group, self.tp_group = pg_collection.ep, pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
         ffn = config.moe_ffn_hidden_size
@@ -165,9 +185,29 @@ class LeanGroupedExperts(MegatronModule):
         offsets_L = grouped_offsets(tokens_per_expert_L, permuted_hidden_MH.device)
         fp8 = fp8_active(self.config)
         fc1_output = self.linear_fc1(permuted_hidden_MH, offsets_L, fp8)
-        activated = expert_activation(fc1_output, self.config)
-        weighted = (activated * permuted_probs_M.unsqueeze(-1)).to(activated.dtype)
+        if self.activation_recompute:
+            return self._recomputed_activation_and_fc2(fc1_output, permuted_probs_M, offsets_L,
+                                                       fp8), None
+        weighted = weighted_activation(fc1_output, permuted_probs_M, self.config)
         return self.linear_fc2(weighted, offsets_L, fp8), None
+
+    def _recomputed_activation_and_fc2(self, fc1_output: torch.Tensor, probs_M: torch.Tensor,
+                                       offsets_L: torch.Tensor, fp8: bool) -> torch.Tensor:
+        """fc2 of the weighted activation, keeping only fc1's output and the routing weights.
+
+        As TEGroupedMLP: the activation and routing-weight multiply run under Megatron's
+        CheckpointWithoutOutput, whose output storage (the only [M, F] tensor fc2 saves for
+        its weight gradient, in BF16/FP32 and in FP8 alike) is released once fc2 has run and
+        refilled by recomputation when fc2's output gradient arrives. Its backward hands
+        gradients to fc1's output and to the routing weights. fp8=None: the activation runs
+        outside Transformer Engine, so no FP8 autocast state needs restoring for it.
+        """
+        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
+        weighted = checkpoint.checkpoint(
+            functools.partial(weighted_activation, config=self.config), fc1_output, probs_M)
+        output = self.linear_fc2(weighted, offsets_L, fp8)
+        checkpoint.discard_output_and_register_recompute(output)
+        return output
 
     def backward_dw(self) -> None:
         """Weight gradients are computed in backward (delayed wgrad is refused at build)."""

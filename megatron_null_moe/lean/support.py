@@ -40,10 +40,6 @@ def validate_lean_experts(config: TransformerConfig, on_cuda: Optional[bool] = N
         _refuse("expert_tensor_parallel_size", "--expert-tensor-parallel-size",
                 config.expert_tensor_parallel_size, "1",
                 "Experts are split across ranks by expert parallelism only.")
-    if config.recompute_granularity == "selective" and "moe_act" in (config.recompute_modules
-                                                                     or []):
-        _refuse("recompute_modules", "--recompute-modules", config.recompute_modules,
-                "any without 'moe_act'", "Recompute the whole MoE layer ('moe') instead.")
     offloaded = {"expert_fc1", "moe_act"} & set(config.offload_modules or [])
     if config.fine_grained_activation_offloading and offloaded:
         _refuse("offload_modules", "--offload-modules", sorted(offloaded),
