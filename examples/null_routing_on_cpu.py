@@ -4,6 +4,8 @@
 
 Runs Megatron-Core's real GPTModel and MoE layers through the package's CPU harness (gloo,
 one process). The balance loss over the N + M pool pulls the real fraction towards rho.
+It saves no checkpoint: it shows the routing in Python. To train a model that exports to
+Hugging Face, use the launch scripts (examples/pretrain_1gpu_quickstart.sh).
 """
 
 import argparse

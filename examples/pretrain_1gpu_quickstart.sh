@@ -8,7 +8,9 @@
 # 4 layers, hidden 512, 8 experts top-4 with rho = 0.5: M = 8 null copies, so each token uses
 # 0..4 real experts, 2 on average (the expert FLOPs of top-2), held per layer by the budget
 # controller. Balance loss over the N+M pool at global-batch scope, coefficients as in the
-# paper (aux 2e-2, z 1e-3).
+# paper (aux 2e-2, z 1e-3). The dispatcher is alltoall, so null slots cross no all-to-all
+# under EP. Qwen3's layers (RMSNorm, query/key norms, SwiGLU, RoPE, no biases): its
+# checkpoints export to Hugging Face with python -m megatron_null_moe.export.
 set -euo pipefail
 
 GPUS=${GPUS:-1}
@@ -37,6 +39,7 @@ ARGS=(
     --max-position-embeddings "${SEQ_LENGTH}"
     --position-embedding-type rope
     --normalization RMSNorm
+    --qk-layernorm
     --swiglu
     --disable-bias-linear
     --untie-embeddings-and-output-weights

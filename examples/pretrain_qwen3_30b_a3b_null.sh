@@ -5,12 +5,19 @@
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 DATA_PATH=/data/corpus_text_document \
 #       bash examples/pretrain_qwen3_30b_a3b_null.sh
 #   DRY_RUN=1 bash examples/pretrain_qwen3_30b_a3b_null.sh    # print the Megatron args, one a line
+#   EXPERT_PATH=lean ...                                      # the plugin's lean expert path
 # Extra arguments go last and win. CHECKPOINT_DIR must be on a filesystem all nodes share.
+# Its checkpoints export to Hugging Face (python -m megatron_null_moe.export): Qwen3's layers.
 #
 # Model: 48 layers, hidden 2048, 32 query heads over 4 KV groups (GQA), head dim 128, 128 experts
 # of FFN 768 (SwiGLU), top-8. With rho = 0.5 the pool holds M = 128 null copies: each token uses
 # 0..8 real experts, 4 on average, so expert FLOPs are those of top-4 (paper config K8_0.5); the
 # budget controller holds that average in every layer.
+#
+# Experts (EXPERT_PATH): megatron (default) runs Megatron's TEGroupedMLP behind the plugin's
+# null-aware alltoall dispatcher; lean runs the plugin's grouped GEMMs on a device-side sort of
+# the real assignments (docs/lean_expert_path.md). Both recompute the expert activation in
+# backward (--recompute-modules moe_act) and save interchangeable checkpoints.
 #
 # Parallelism for 4-8 nodes x 8 GPUs (H100/H200 80-141 GB):
 #   EP=8  one node's 8 GPUs hold the 128 experts (16 each), so the token all-to-all stays on
@@ -34,6 +41,7 @@ PP=${PP:-4}
 EP=${EP:-8}
 RHO=${RHO:-0.5}
 FP8=${FP8:-0}
+EXPERT_PATH=${EXPERT_PATH:-megatron}                # megatron or lean
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-512}        # 512 x 4096 = 2M tokens per step
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
@@ -55,10 +63,18 @@ if [[ "${MOCK_DATA}" == 1 ]]; then
 elif [[ -n "${DATA_PATH}" ]]; then
     read -r -a DATA_PATH_ITEMS <<< "${DATA_PATH}"
     DATA_ARGS=(--data-path "${DATA_PATH_ITEMS[@]}" --split 99,1,0)
+elif [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "DATA_PATH is not set: <DATA_PATH> stands in for it below." >&2
+    DATA_ARGS=(--data-path "<DATA_PATH>" --split 99,1,0)
 else
     echo "Set DATA_PATH to a Megatron indexed dataset prefix (or MOCK_DATA=1)." >&2
     exit 1
 fi
+case "${EXPERT_PATH}" in
+    megatron) EXPERT_ARGS=() ;;                     # TEGroupedMLP (--moe-grouped-gemm)
+    lean) EXPERT_ARGS=(--moe-null-expert-path lean) ;;
+    *) echo "EXPERT_PATH must be megatron or lean, not '${EXPERT_PATH}'." >&2; exit 1 ;;
+esac
 
 ARGS=(
     # Model (Qwen3-30B-A3B shapes).
@@ -87,7 +103,8 @@ ARGS=(
     --num-experts 128
     --moe-router-topk 8
     --moe-ffn-hidden-size 768
-    --moe-grouped-gemm
+    --moe-grouped-gemm                              # Megatron's moe_act recompute needs it
+    "${EXPERT_ARGS[@]}"
     --moe-token-dispatcher-type alltoall
     --moe-router-dtype fp32
     --moe-aux-loss-coeff 2e-2
@@ -147,8 +164,12 @@ if (( TP > 1 )); then
     ARGS+=(--sequence-parallel)
 fi
 if [[ "${FP8}" == 1 ]]; then
-    # Pads each expert's token count to the FP8 GEMM alignment (the plugin pads a copy of the map).
-    ARGS+=(--fp8-format hybrid --fp8-recipe tensorwise --moe-router-padding-for-quantization)
+    ARGS+=(--fp8-format hybrid --fp8-recipe tensorwise)
+    if [[ "${EXPERT_PATH}" == megatron ]]; then
+        # Pads each expert's token count to TE's FP8 GEMM alignment (the plugin pads a copy of
+        # the map). The lean path's grouped GEMMs take any count: it has no such flag.
+        ARGS+=(--moe-router-padding-for-quantization)
+    fi
 fi
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -13,7 +13,8 @@
 # Extra arguments go last and win.
 #
 # The model flags come from $UPCYCLED/megatron_args.txt (written by the upcycle), so they
-# always match the checkpoint. --pretrained-checkpoint starts a fresh run from the upcycled
+# always match the checkpoint (Qwen3's layers: its checkpoints export to Hugging Face with
+# python -m megatron_null_moe.export). --pretrained-checkpoint starts a fresh run from the upcycled
 # weights (iteration 0, new optimizer); --load/--save CHECKPOINT_DIR resume it after that.
 # Optimisation as in the paper: AdamW, peak LR 2e-5, betas (0.9, 0.95), weight decay 0.1,
 # WSD schedule (500 warm-up steps, linear decay to 10% over the last 10%), 512 x 2048
@@ -56,6 +57,9 @@ if [[ "${MOCK_DATA}" == 1 ]]; then
 elif [[ -n "${DATA_PATH}" ]]; then
     read -r -a DATA_PATH_ITEMS <<< "${DATA_PATH}"
     DATA_ARGS=(--data-path "${DATA_PATH_ITEMS[@]}" --split 99,1,0)
+elif [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "DATA_PATH is not set: <DATA_PATH> stands in for it below." >&2
+    DATA_ARGS=(--data-path "<DATA_PATH>" --split 99,1,0)
 else
     echo "Set DATA_PATH to a Megatron indexed dataset prefix (or MOCK_DATA=1)." >&2
     exit 1

@@ -28,7 +28,8 @@ SCRIPT_VARIABLES = ("GPUS", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR
                     "TP", "PP", "EP", "RHO", "FP8", "DTYPE", "TRAIN_ITERS", "MICRO_BATCH_SIZE",
                     "GLOBAL_BATCH_SIZE", "SEQ_LENGTH", "VOCAB_SIZE", "TRANSFORMER_IMPL", "LR",
                     "MIN_LR", "DATA_PATH", "MOCK_DATA", "TOKENIZER_TYPE", "TOKENIZER_MODEL",
-                    "CHECKPOINT_DIR", "TENSORBOARD_DIR", "DRY_RUN", "CUDA_DEVICE_MAX_CONNECTIONS")
+                    "CHECKPOINT_DIR", "TENSORBOARD_DIR", "DRY_RUN", "CUDA_DEVICE_MAX_CONNECTIONS",
+                    "EXPERT_PATH")
 QWEN_DATA = {"DATA_PATH": "/data/corpus_text_document"}
 
 
@@ -177,8 +178,52 @@ def test_qwen3_recipe_weighted_blend_and_missing_data(parser):
     args = parse(parser, dry_run(QWEN, DATA_PATH="0.7 /data/a_text_document 0.3 /data/b"))
     assert args.data_path == ["0.7", "/data/a_text_document", "0.3", "/data/b"]
     assert parse(parser, dry_run(QWEN, MOCK_DATA="1")).mock_data
-    missing = run_script(QWEN, DRY_RUN="1")
-    assert missing.returncode != 0 and "DATA_PATH" in missing.stderr
+    placeholder = run_script(QWEN, DRY_RUN="1")  # the arguments, a placeholder for the data
+    assert placeholder.returncode == 0, placeholder.stderr
+    assert parse(parser, placeholder.stdout.splitlines()).data_path == ["<DATA_PATH>"]
+    assert "DATA_PATH is not set: <DATA_PATH> stands in for it" in placeholder.stderr
+    missing = run_script(QWEN)  # a launch without data stops before torchrun
+    assert missing.returncode != 0 and "Set DATA_PATH" in missing.stderr
+
+
+def transformer_config(args):
+    """Megatron's TransformerConfig of the parsed arguments (its own checks run; the dtype is
+    what validate_args would set)."""
+    import torch
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    args.params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # Checked against Transformer Engine, which the GPU image has and this machine has not:
+    # rope fusion, and the FP8 settings (set after Megatron's checks instead).
+    args.apply_rope_fusion = False
+    fp8 = {name: getattr(args, name) for name in ("fp8", "moe_router_padding_for_quantization")}
+    args.fp8, args.moe_router_padding_for_quantization = None, False
+    config = core_transformer_config_from_args(args)
+    for name, value in fp8.items():
+        setattr(config, name, value)
+        setattr(args, name, value)
+    return config
+
+
+@pytest.mark.parametrize("fp8", ["0", "1"])
+@pytest.mark.parametrize("expert_path", ["megatron", "lean"])
+def test_qwen3_recipe_on_either_expert_path(parser, expert_path, fp8):
+    """EXPERT_PATH switches the experts; both recompute the expert activation; the FP8 padding
+    flag is Megatron's experts' alone, and the lean path takes the whole recipe."""
+    from megatron_null_moe.arguments import null_expert_path_from_args
+    from megatron_null_moe.lean.support import validate_lean_layer
+
+    args = parse(parser, dry_run(QWEN, **QWEN_DATA, EXPERT_PATH=expert_path, FP8=fp8))
+    assert null_expert_path_from_args(args) == expert_path
+    assert args.recompute_granularity == "selective" and args.recompute_modules == ["moe_act"]
+    assert args.moe_router_padding_for_quantization == (expert_path == "megatron" and fp8 == "1")
+    assert (args.fp8 == "hybrid") == (fp8 == "1")
+    config = transformer_config(args)
+    validate_for_transformer_config(null_expert_config_from_args(args), config)
+    if expert_path == "lean":
+        validate_lean_layer(config, on_cuda=True)
+    bad = run_script(QWEN, DRY_RUN="1", EXPERT_PATH="sequential", **QWEN_DATA)
+    assert bad.returncode != 0 and "EXPERT_PATH must be megatron or lean" in bad.stderr
 
 
 def test_unknown_flag_fails_the_parse(parser):

@@ -523,3 +523,34 @@ def test_norm_epsilon_is_read_under_megatron_name_and_the_upcycler_old_one():
     args.norm_epsilon = args.layernorm_epsilon
     del args.layernorm_epsilon
     assert gpt_architecture(Path("ckpt"), args).norm_epsilon == TINY.norm_epsilon
+
+
+def test_the_quickstart_model_trains_on_the_cpu_and_exports(runs, tmp_path):
+    """examples/pretrain_1gpu_quickstart.sh's model (fp32, local layers, smaller batches and
+    sequences): two steps through the entry point on the CPU; its checkpoint exports, and the
+    export's logits equal the Megatron model's."""
+    script = ROOT / "examples" / "pretrain_1gpu_quickstart.sh"
+    checkpoint_dir = tmp_path / "ckpt"
+    environment = dict(os.environ, DRY_RUN="1", DTYPE="fp32", TRANSFORMER_IMPL="local",
+                       VOCAB_SIZE="1024", CHECKPOINT_DIR=str(checkpoint_dir),
+                       TENSORBOARD_DIR=str(tmp_path / "tb"))
+    arguments = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                               check=True, env=environment).stdout.split("\n")[:-1]
+    cpu_sized = ["--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--seq-length", "128", "--max-position-embeddings", "128",
+                 "--lr-warmup-iters", "0", "--log-interval", "1", "--eval-iters", "0",
+                 "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+                 "--no-rope-fusion"]  # the fusions need apex / Transformer Engine
+    command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *arguments, *cpu_sized]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "iteration        2/       2" in output and "null real fraction" in output
+    assert "null expected real experts/token: 2.000000E+00" in output  # rho 0.5 * top-4
+    model = hugging_face(runs.exported(checkpoint_dir))
+    with torch.no_grad():
+        exported = model(TOKENS).logits
+    expected = logits(runs.megatron(checkpoint_dir), TOKENS)
+    assert expected.abs().max() > 0.1
+    assert (exported - expected).abs().max() < LOGIT_TOLERANCE
