@@ -34,17 +34,35 @@ CONFIGS = [("upstream K8 rho=1", 8, None), ("upstream K4 rho=1", 4, None),
 COLUMNS = ("dispatch_sent", "dispatch_received", "sent", "received")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="All-to-all bytes per rank, MoE layer and training step under expert "
+                    "parallelism (CPU): upstream Megatron-Core K8 and K4 at rho = 1 against "
+                    "the plugin's K8 at rho = 0.5 held at the budget. Writes JSON and prints "
+                    "a Markdown table.")
+    parser.add_argument("--world", type=int, default=8, help="Gloo ranks (default: 8).")
+    parser.add_argument("--ep", default="4,8",
+                        help="Expert-parallel sizes, comma-separated; each must be at least 2 "
+                             "and divide --world and --experts (default: 4,8).")
+    parser.add_argument("--experts", type=int, default=128,
+                        help="Experts in the MoE layer (default: 128).")
+    parser.add_argument("--hidden", type=int, default=256, help="Hidden size (default: 256).")
+    parser.add_argument("--ffn", type=int, default=64,
+                        help="Expert FFN hidden size, GLU (default: 64).")
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="Tokens per rank and step, an even number (default: 2048).")
+    parser.add_argument("--budget-steps", type=int, default=40,
+                        help="Steps of the budget controller before the measured ones, for the "
+                             "plugin's rho < 1 layer (default: 40).")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="Measured steps, at least 1 (default: 10).")
+    parser.add_argument("--output", type=Path, default=Path("outputs/alltoall_traffic.json"),
+                        help="The JSON file written (default: outputs/alltoall_traffic.json).")
+    return parser
+
+
 def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=8, help="gloo ranks")
-    parser.add_argument("--ep", default="4,8", help="expert-parallel sizes, comma-separated")
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=64, help="expert FFN hidden size (GLU)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank and step")
-    parser.add_argument("--budget-steps", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps")
-    parser.add_argument("--output", type=Path, default=Path("outputs/alltoall_traffic.json"))
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.ep = [int(size) for size in args.ep.split(",") if size]
     for size in args.ep:

@@ -1,7 +1,7 @@
 """Time the MoE layer forward + backward: upstream Megatron-Core and the plugin's two expert
 paths, side by side, with every rho < 1 router held at its budget.
 
-    python benchmarks/moe_layer_benchmark.py                       # GPU: the issue's shapes
+    python benchmarks/moe_layer_benchmark.py                       # GPU: Qwen3-30B-A3B's layer
     python benchmarks/moe_layer_benchmark.py --preset cpu          # CPU: compute-bound, < 5 min
     python benchmarks/moe_layer_benchmark.py --preset cpu-smoke    # CPU: tiny shapes
 
@@ -91,24 +91,38 @@ BUDGET_METHOD = (
     f"holds it; realised real fraction of the timed steps within +-{BUDGET_TOLERANCE} of rho")
 
 
-def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="h100")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time the MoE layer forward + backward: upstream Megatron-Core and the "
+                    "plugin's two expert paths, side by side, with every rho < 1 router held "
+                    "at its budget. Prints a table of ratios and writes JSON.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="h100",
+                        help="Shapes, precisions and device: h100 (the default; a GPU, hidden "
+                             "2048, 128 experts of FFN 768, BF16 and FP8), cpu (hidden 512, 32 "
+                             "experts, FP32) or cpu-smoke (tiny shapes).")
     parser.add_argument("--paths", default=",".join(PATHS),
-                        help=f"comma-separated subset of {', '.join(PATHS)}")
+                        help=f"A comma-separated subset of {', '.join(PATHS)} (default: all).")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="steps before timing (default: the preset's)")
+                        help="Steps before timing (default: the preset's).")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed steps, median taken (default: the preset's)")
+                        help="Timed steps, of which the median is taken (default: the "
+                             "preset's).")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop starting new configurations after this long (they are "
-                             "listed as skipped), so that a run fits a time limit")
+                        help="Stop starting new configurations after this long (they are "
+                             "listed as skipped), so that a run fits a time limit.")
     parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="cached",
-                        help="CPU presets: cached (default) keeps freed memory in the process, "
-                             "as CUDA's caching allocator does; system leaves glibc as it is, "
-                             "which maps and page-faults every buffer over 32 MiB anew at each "
-                             "step, a cost no GPU has")
-    parser.add_argument("--output", type=Path, default=Path("outputs/moe_layer_benchmark.json"))
+                        help="CPU presets: cached (the default) keeps freed memory in the "
+                             "process, as CUDA's caching allocator does; system leaves glibc as "
+                             "it is, which maps and page-faults every buffer over 32 MiB anew "
+                             "at each step, a cost no GPU has.")
+    parser.add_argument("--output", type=Path, default=Path("outputs/moe_layer_benchmark.json"),
+                        help="The JSON file, rewritten after every configuration (default: "
+                             "outputs/moe_layer_benchmark.json).")
+    return parser
+
+
+def parse_arguments(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     args.warmup = preset["warmup"] if args.warmup is None else args.warmup
@@ -229,7 +243,8 @@ def realised_real_fraction(router, rho, steps, tokens) -> float:
 
 
 class Timer:
-    """Median milliseconds of a step: (device time, host time to issue it)."""
+    """Median milliseconds of a step: (time the step took on the GPU, or the CPU; host time
+    to issue it)."""
 
     def __init__(self, on_gpu):
         self.on_gpu = on_gpu
@@ -456,7 +471,7 @@ def targets(rows, preset="h100"):
     return results
 
 
-# Issue 14 on --preset cpu: (target, config, against, at most).
+# The CPU targets (--preset cpu): (target, config, against, at most).
 CPU_TARGETS = [
     ("lean K8 rho=0.5 <= 1.10x lean K4 rho=1", "lean K8 rho=0.5", "lean K4 rho=1", 1.10),
     ("lean K8 rho=0.5 <= 1.00x upstream K4 rho=1", "lean K8 rho=0.5", "upstream K4 rho=1", 1.00),
@@ -485,7 +500,7 @@ def _kept_properties(rows, precision, tokens, at):
 
 
 def _gpu_targets(rows):
-    """Issue 11's targets (H100, the same run), evaluated at the budget."""
+    """The GPU targets (h100 preset, ratios within the same run), evaluated at the budget."""
     results = []
     largest = max(row["tokens"] for row in rows)
     for path in ("plugin", "lean"):

@@ -323,36 +323,69 @@ def _summary_cells(config: dict) -> str:
 
 # ---- command line ------------------------------------------------------------------------
 
-def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Scale model: expert GEMM FLOPs, all-to-all bytes and their time per GPU "
+                    "and step for a Qwen3-30B-A3B-shaped MoE at EP 8-64, upstream K8 / K4 "
+                    "against null experts' K8 rho = 0.5. 'measure' takes the routing "
+                    "statistics on the CPU; 'model' prints the tables from them.")
     commands = parser.add_subparsers(dest="command", required=True)
-    measuring = commands.add_parser("measure", help="routing statistics on the CPU")
-    measuring.add_argument("--steps", type=int, default=300)
-    measuring.add_argument("--batch-size", type=int, default=32)
-    measuring.add_argument("--experts", type=int, default=QWEN3_30B_A3B["experts"])
-    measuring.add_argument("--expert-hidden", type=int, default=32)
-    measuring.add_argument("--ranks", type=int, default=max(EP_SIZES))
+    measuring = commands.add_parser(
+        "measure", help="Measure the routing statistics on the CPU (about 7 minutes on 2 cores).",
+        description="Train the demo's small GPT with 128 experts for each configuration, then "
+                    "route fresh batches as 64 expert-parallel ranks would and write each "
+                    "rank's loads to --statistics.")
+    measuring.add_argument("--steps", type=int, default=300,
+                           help="Training steps per configuration (default: 300).")
+    measuring.add_argument("--batch-size", type=int, default=32,
+                           help="Training batch size in samples (default: 32).")
+    measuring.add_argument("--experts", type=int, default=QWEN3_30B_A3B["experts"],
+                           help="Experts per MoE layer (default: 128, as Qwen3-30B-A3B has).")
+    measuring.add_argument("--expert-hidden", type=int, default=32,
+                           help="Expert FFN hidden size of the small GPT (default: 32).")
+    measuring.add_argument("--ranks", type=int, default=max(EP_SIZES),
+                           help="Expert-parallel ranks whose tokens are routed (default: 64).")
     measuring.add_argument("--samples-per-rank", type=int, default=85,
-                           help="85 samples of 48 tokens: 4,080 tokens per rank")
-    measuring.add_argument("--repeats", type=int, default=4)
+                           help="Samples of 48 tokens per rank (default: 85, 4,080 tokens).")
+    measuring.add_argument("--repeats", type=int, default=4,
+                           help="Rounds of fresh batches, one per rank each, routed (default: 4).")
     measuring.add_argument("--calibration-ranks", type=int, default=16,
-                           help="ranks' worth of fresh tokens the null offset is set on")
-    measuring.add_argument("--ep", default=",".join(map(str, EP_SIZES)))
-    measuring.add_argument("--gpus-per-node", type=int, default=8)
-    measuring.add_argument("--seed", type=int, default=0)
-    measuring.add_argument("--statistics", type=Path, default=STATISTICS)
-    modelling = commands.add_parser("model", help="the tables, from measured statistics")
-    modelling.add_argument("--statistics", type=Path, default=STATISTICS)
+                           help="Ranks' worth of fresh tokens the null offset is set on "
+                                "(default: 16).")
+    measuring.add_argument("--ep", default=",".join(map(str, EP_SIZES)),
+                           help="Expert-parallel sizes, comma-separated; each must divide "
+                                "--experts and be at most --ranks (default: 8,16,32,64).")
+    measuring.add_argument("--gpus-per-node", type=int, default=8,
+                           help="GPUs per node, which splits NVLink from InfiniBand traffic "
+                                "(default: 8).")
+    measuring.add_argument("--seed", type=int, default=0, help="Random seed (default: 0).")
+    measuring.add_argument("--statistics", type=Path, default=STATISTICS,
+                           help="The JSON file written (default: "
+                                "docs/scale_model_measured.json).")
+    modelling = commands.add_parser(
+        "model", help="Print the tables from measured statistics.",
+        description="Scale the measured per-token loads to Qwen3-30B-A3B's shape and the "
+                    "assumed hardware rates, and print the tables as Markdown.")
+    modelling.add_argument("--statistics", type=Path, default=STATISTICS,
+                           help="The JSON file of 'measure' (default: "
+                                "docs/scale_model_measured.json).")
     modelling.add_argument("--tokens", type=int, default=4096,
-                           help="tokens per GPU and micro-batch (sequence 4096, micro-batch 1)")
+                           help="Tokens per GPU and micro-batch (default: 4096, sequence 4096 "
+                                "and micro-batch 1).")
     modelling.add_argument("--gemm-tflops", type=float, default=400.0,
-                           help="achieved BF16 grouped-GEMM TFLOP/s per GPU (assumed)")
+                           help="Achieved BF16 grouped-GEMM TFLOP/s per GPU (assumed; default: "
+                                "400).")
     modelling.add_argument("--nvlink-gbps", type=float, default=350.0,
-                           help="achieved all-to-all GB/s per GPU and direction within a node "
-                                "(assumed; NVLink 4 peak 450)")
+                           help="Achieved all-to-all GB/s per GPU and direction within a node "
+                                "(assumed; default: 350, NVLink 4 peak 450).")
     modelling.add_argument("--infiniband-gbps", type=float, default=40.0,
-                           help="achieved GB/s per GPU and direction between nodes (assumed; "
-                                "one InfiniBand NDR 400 Gb/s NIC per GPU, peak 50)")
+                           help="Achieved GB/s per GPU and direction between nodes (assumed; "
+                                "default: 40, one InfiniBand NDR 400 Gb/s NIC per GPU, peak 50).")
+    return parser
+
+
+def parse_arguments(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "measure":
         args.ep = [int(size) for size in args.ep.split(",") if size]

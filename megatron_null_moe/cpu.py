@@ -571,7 +571,7 @@ def destroy_cpu_parallel_state() -> None:
     """Undo ``init_cpu_parallel_state``, destroying the process group only if it created it.
 
     Also drops Megatron's process-wide MoE metrics, whose per-layer buffers are sized by the
-    first model that recorded into them, so the next session starts clean.
+    first model that recorded into them, so the next test or run in this process starts clean.
     """
     global _owned_process_group
     moe_logging.destroy_moe_metrics_tracker()

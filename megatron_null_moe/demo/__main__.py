@@ -24,22 +24,36 @@ from megatron_null_moe.demo.train import DemoModel, RoutingSetup  # noqa: E402
 DEFAULT_CONFIGS = ["K2_1.0", "K4_0.5", "K4_0.5+budget", "K4_1.0", "K8_0.5", "K8_0.5+budget"]
 
 
-def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_null_moe.demo",
-                                     description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_null_moe.demo",
+        description="Does rho < 1 beat rho = 1 at matched expert FLOPs, and does the budget "
+                    "hold? Trains each configuration from each seed on the bundled "
+                    "digit-and-caption task, then writes report.md (with PNG plots), "
+                    "summary.json, runs.json and TensorBoard logs to --output.")
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"),
-                        help="folder for report.md, plots, summary.json, tensorboard/")
+                        help="Folder for report.md, the plots, summary.json, runs.json and "
+                             "tensorboard/ (default: outputs/demo).")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+                        help="Where to train; auto (the default) takes cuda when it is "
+                             "available, else cpu.")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="Training steps per run, at least 10 (default: 300).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="Distinct non-negative seeds; every configuration trains once "
+                             "from each (default: 0 1 2).")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                        help="K<topk>_<rho>[+budget], e.g. K2_1.0 K4_0.5 K4_0.5+budget (pairs "
-                             "with equal K*rho are compared at matched FLOPs; +budget runs the "
-                             "budget controller)")
+                        help="Configurations named K<topk>_<rho>[+budget], e.g. K2_1.0 K4_0.5 "
+                             "K4_0.5+budget. Pairs with equal K*rho are compared at matched "
+                             "FLOPs; +budget runs the budget controller.")
     parser.add_argument("--workers", type=int, default=None,
-                        help="runs trained side by side, one process each (default: the CPU "
-                             "cores, at most 2, on the CPU; 1 on a GPU)")
+                        help="Runs trained side by side, one process each (default: the CPU "
+                             "cores, at most 2, on the CPU; 1 on a GPU).")
+    return parser
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.steps < 10:
         parser.error(f"--steps must be at least 10 (got {args.steps})")
