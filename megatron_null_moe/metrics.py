@@ -3,7 +3,8 @@
 Everything derives from one histogram per layer, the number of tokens whose routing chose r
 real experts for r = 0..K, and the number of chosen real assignments dropped over capacity
 (``--moe-expert-capacity-factor``), accumulated on the device by the router and read at
-logging time.
+logging time. Beside it, the real assignments per expert give the load balance over the
+experts and over the expert-parallel ranks that hold them.
 """
 
 from dataclasses import dataclass
@@ -119,6 +120,47 @@ class RoutingStatistics:
         return RoutingStatistics(summed, self.target_real_fraction,
                                  self.dropped_real_slots + other.dropped_real_slots,
                                  self.real_logit_spread_sum + other.real_logit_spread_sum)
+
+
+def load_max_over_mean(loads: torch.Tensor) -> float:
+    """The busiest holder's load over the mean load: max_i L_i / (sum_i L_i / n) for the n
+    loads L [n] (1: even; n: one holder takes all). Refused for a total of 0."""
+    total = float(loads.sum())
+    if total <= 0:
+        raise ValueError("load_max_over_mean: no load to compare")
+    return float(loads.max()) * loads.numel() / total
+
+
+def expert_parallel_rank_loads(assignments_per_expert: torch.Tensor,
+                               expert_parallel_size: int) -> torch.Tensor:
+    """[EP]: the real assignments each expert-parallel rank computes, from those per expert
+    [N]. Megatron's layout: rank r holds the experts [r*N/EP, (r+1)*N/EP), so
+    L_r = sum_{e = r*N/EP}^{(r+1)*N/EP - 1} c_e."""
+    num_experts = assignments_per_expert.numel()
+    if expert_parallel_size < 1 or num_experts % expert_parallel_size:
+        raise ValueError(f"expert_parallel_rank_loads: {num_experts} experts do not divide "
+                         f"among {expert_parallel_size} expert-parallel ranks")
+    return assignments_per_expert.reshape(expert_parallel_size, -1).sum(dim=1)
+
+
+def expert_load_figures(assignments_per_expert: torch.Tensor,
+                        expert_parallel_size: int = 1) -> Dict[str, float]:
+    """The load balance of one MoE layer from its real assignments per expert c [N]:
+
+    - ``expert_load_max_over_mean``: max_e c_e / (sum_e c_e / N), the busiest expert over the
+      mean per expert;
+    - with expert_parallel_size > 1, ``ep_rank_load_max_over_mean``: max_r L_r /
+      (sum_r L_r / EP) over the ranks' loads L (expert_parallel_rank_loads).
+
+    Each is >= 1, and the rank figure is at most the expert figure. Empty for no assignments.
+    """
+    if float(assignments_per_expert.sum()) <= 0:
+        return {}
+    figures = {"expert_load_max_over_mean": load_max_over_mean(assignments_per_expert)}
+    if expert_parallel_size > 1:
+        figures["ep_rank_load_max_over_mean"] = load_max_over_mean(
+            expert_parallel_rank_loads(assignments_per_expert, expert_parallel_size))
+    return figures
 
 
 def null_expert_routers(model: torch.nn.Module):

@@ -76,8 +76,9 @@ class NullExpertRouter(TopKRouter):
                 self.global_tokens_per_expert.new_zeros(self._grouped_columns()),
                 persistent=False,
             )
-        # [token types, K+1]: tokens of each type whose routing chose r real experts, and
-        # [token types]: real assignments dropped over capacity. Integer counts: Float16Module
+        # [token types, K+1]: tokens of each type whose routing chose r real experts,
+        # [token types]: real assignments dropped over capacity, and [N]: the real
+        # assignments each expert was chosen for (before drops). Integer counts: Float16Module
         # casts floating buffers to bf16, which would round them.
         self.register_buffer(
             "real_experts_histogram", torch.zeros(1, self.topk + 1, dtype=torch.int64),
@@ -85,6 +86,8 @@ class NullExpertRouter(TopKRouter):
         )
         self.register_buffer("dropped_assignments", torch.zeros(1, dtype=torch.int64),
                              persistent=False)
+        self.register_buffer("real_assignments_per_expert",
+                             torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("real_logit_spread_sum", torch.zeros(1, dtype=torch.float32),
                              persistent=False)
         self.token_types: Optional[torch.Tensor] = None
@@ -300,7 +303,8 @@ class NullExpertRouter(TopKRouter):
         """Add this micro-batch to the counters, on the device and without a host sync.
 
         chosen_map: the routing decision [T, N]; routed_map: what is computed after drops
-        over capacity (the same tensor without a capacity factor); real_logits [T, N].
+        over capacity (the same tensor without a capacity factor); real_logits [T, N]. The
+        per-expert counts are the chosen map's column sums over the counted tokens.
         """
         real_per_token = chosen_map.sum(dim=-1)
         num_types, width = self.real_experts_histogram.shape
@@ -315,11 +319,15 @@ class NullExpertRouter(TopKRouter):
         if padding_mask is not None:
             counted = counted.masked_fill(padding_mask, 0)
         if self.real_experts_histogram.device != real_per_token.device:
-            for name in ("real_experts_histogram", "dropped_assignments", "real_logit_spread_sum"):
+            for name in ("real_experts_histogram", "dropped_assignments",
+                         "real_assignments_per_expert", "real_logit_spread_sum"):
                 setattr(self, name, getattr(self, name).to(real_per_token.device))
         # scatter_add_ into fixed-size counters: bincount would size its output on the host.
         self.real_experts_histogram.view(-1).scatter_add_(
             0, types * width + real_per_token, counted)
+        counted_map = chosen_map if padding_mask is None else \
+            chosen_map.masked_fill(padding_mask.unsqueeze(-1), False)
+        self.real_assignments_per_expert += counted_map.sum(dim=0)
         if routed_map is not chosen_map:
             dropped = (real_per_token - routed_map.sum(dim=-1)) * counted
             self.dropped_assignments.scatter_add_(0, types, dropped)
@@ -348,7 +356,7 @@ class NullExpertRouter(TopKRouter):
 
     def reset_routing_counters(self) -> None:
         for counter in (self.real_experts_histogram, self.dropped_assignments,
-                        self.real_logit_spread_sum):
+                        self.real_assignments_per_expert, self.real_logit_spread_sum):
             counter.zero_()
 
     def extra_repr(self) -> str:

@@ -6,15 +6,18 @@ are wrapped while ``null_expert_training()`` is active (the entry point and the 
 Megatron-LM ``pretrain_gpt.py`` both enter it):
 
 - ``train_step``: after each step (optimizer step included), the routing counters of every
-  MoE layer are summed over all ranks (one all-reduce of [layers, K+5] numbers and one
-  device-to-host copy per step) and, with ``--moe-null-budget-controller``, each layer's
-  budget controller takes its step (budget.py).
+  MoE layer, the real assignments per expert among them, are summed over all ranks (one
+  all-reduce of [layers, K+5+N] numbers and one device-to-host copy per step) and, with
+  ``--moe-null-budget-controller``, each layer's budget controller takes its step
+  (budget.py).
 - ``num_floating_point_operations``: Megatron counts K routed experts per token; with null
   experts the computed count is measured, so FLOPs (and TFLOP/s, MFU) use the measured mean.
 - ``training_log``: adds the null statistics to the losses Megatron prints and sends to
-  TensorBoard, and writes per-layer scalars at each log interval; under expert parallelism
-  with the alltoall dispatcher it also prints the all-to-all bytes per rank, layer and step
-  (traffic.py: counted on the host, collected over all ranks once per log interval).
+  TensorBoard, and writes per-layer scalars at each log interval, among them the load
+  balance over the experts (and the expert-parallel ranks) over the interval's steps; under
+  expert parallelism with the alltoall dispatcher it also prints the all-to-all bytes per
+  rank, layer and step (traffic.py: counted on the host, collected over all ranks once per
+  log interval).
 - ``checkpointing._load_base_checkpoint``: refuses to load the distributed optimizer's state
   saved on the other expert path (``--moe-null-expert-path``), and optimizer state Megatron
   cannot load: across expert groups (EP 1 and EP > 1), and the distributed optimizer's
@@ -37,7 +40,7 @@ from megatron_null_moe.arguments import DISPATCHER_CHOSEN, expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
 from megatron_null_moe.cli import environment_line
 from megatron_null_moe.config import NullExpertConfig
-from megatron_null_moe.metrics import RoutingStatistics, null_expert_routers
+from megatron_null_moe.metrics import RoutingStatistics, expert_load_figures, null_expert_routers
 from megatron_null_moe.process_groups import free_port, is_rank_zero
 from megatron_null_moe.traffic import (
     TRAFFIC_COLUMNS,
@@ -62,6 +65,11 @@ class NullExpertMonitor:
         self._routers: Dict[int, torch.nn.Module] = {}
         self._iteration = None
         self.counters = None  # [layers, K+5] on the host, see collect_layer_counters
+        # [layers, N] real assignments per expert on the host: since the last log interval
+        # ended, and over the last one (with the step that ended it).
+        self._interval_assignments = None
+        self.expert_assignments = None
+        self._assignments_iteration = None
         self._dispatcher_traffic: Dict[int, AllToAllTraffic] = {}  # the layers' counters
         self._interval_traffic: Dict[int, AllToAllTraffic] = {}  # training steps since a log
         self._interval_steps = 0
@@ -118,12 +126,37 @@ class NullExpertMonitor:
         if self.null_config is None:
             return
         num_layers = args.num_layers + (args.mtp_num_layers or 0)
-        self.counters = collect_layer_counters(self.routers, num_layers, args.moe_router_topk)
+        topk = args.moe_router_topk
+        # The real assignments per expert ride in the same all-reduce: no collective or host
+        # sync of their own.
+        counters = collect_layer_counters(self.routers, num_layers, topk,
+                                          num_experts=args.num_experts)
+        self.counters = counters[:, :topk + 5]
         self._iteration = args.curr_iteration
+        self._add_step_assignments(args, counters[:, topk + 5:])
         if self.controlled:
             update_null_budgets(self.routers, self.layer_statistics(args))
         if args.expert_model_parallel_size > 1 and args.moe_token_dispatcher_type == "alltoall":
             self._add_step_traffic(args, num_layers)
+
+    def _add_step_assignments(self, args, assignments: torch.Tensor) -> None:
+        """Add this step's real assignments per expert [layers, N] (host); at a log
+        iteration, keep the interval's sum for the log."""
+        if self._interval_assignments is None:
+            self._interval_assignments = torch.zeros_like(assignments)
+        self._interval_assignments += assignments
+        if (args.curr_iteration + 1) % args.log_interval == 0:
+            self.expert_assignments, self._interval_assignments = self._interval_assignments, None
+            self._assignments_iteration = args.curr_iteration
+
+    def interval_load_figures(self, args) -> Dict[int, Dict[str, float]]:
+        """Global layer number -> expert_load_figures over the log interval that ended at this
+        step (real assignments summed over its steps and all ranks); {} at other steps."""
+        if self.expert_assignments is None or self._assignments_iteration != args.curr_iteration:
+            return {}
+        expert_parallel = args.expert_model_parallel_size
+        return {index + 1: figures for index, row in enumerate(self.expert_assignments)
+                if (figures := expert_load_figures(row, expert_parallel))}
 
     def _add_step_traffic(self, args, num_layers: int) -> None:
         """Add this step's all-to-all bytes; at a log iteration, collect them over all ranks."""
@@ -190,18 +223,25 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
             f"{buffers}expert path {path}; {dispatcher}.")
 
 
-def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> torch.Tensor:
+def collect_layer_counters(routers, num_layers: int, topk: int, group=None,
+                           num_experts: int = 0) -> torch.Tensor:
     """[layers, K+5] float64 on the host, summed over ``group`` (default: every rank); the
     routers' counters are reset. Row l is global layer l+1; columns: 0..K tokens whose routing
     chose r real experts, K+1 real assignments dropped over capacity, K+2 the sum of the
     tokens' real-logit spreads, K+3 the sum of the replicas' null selection biases, K+4 the
-    number of replicas with a controlled bias (their mean is the bias: replicas agree).
+    number of replicas with a controlled bias (their mean is the bias: replicas agree). With
+    num_experts N: [layers, K+5+N], columns K+5.. the real assignments per expert (before
+    drops; they sum to the real assignments of columns 0..K).
 
+    Every token is routed on one rank only (TP ranks route their sequence-parallel slices,
+    a layer lives on one pipeline stage), so the sums count each token once; under EP each
+    rank counts its own tokens over all N experts, and the sum is the global count.
     float64 holds the integer counts exactly (below 2**53) and lets one all-reduce carry all.
     """
     device = torch.device("cuda", torch.cuda.current_device()) \
         if torch.cuda.is_available() else torch.device("cpu")
-    counters = torch.zeros(num_layers, topk + 5, dtype=torch.float64, device=device)
+    counters = torch.zeros(num_layers, topk + 5 + num_experts, dtype=torch.float64,
+                           device=device)
     for router in routers:
         row = counters[router.global_layer_number - 1]
         row[:topk + 1] += router.real_experts_histogram.sum(dim=0).to(device)
@@ -210,6 +250,8 @@ def collect_layer_counters(routers, num_layers: int, topk: int, group=None) -> t
         if budget_controlled(router):
             row[topk + 3] += router.null_selection_bias.to(device)[0]
             row[topk + 4] += 1
+        if num_experts:
+            row[topk + 5:] += router.real_assignments_per_expert.to(device)
         router.reset_routing_counters()
     torch.distributed.all_reduce(counters, group=group)
     return counters.cpu()  # host copy: FLOPs, the controller's error and logs are Python numbers
@@ -291,6 +333,32 @@ def log_line_values(monitor: NullExpertMonitor, args) -> Dict[str, float]:
     return values
 
 
+# The load figures of expert_load_figures on the log line: the worst MoE layer's.
+LOAD_LOG_LINE = {"expert_load_max_over_mean": "null busiest expert / mean",
+                 "ep_rank_load_max_over_mean": "null busiest EP rank / mean"}
+
+
+def worst_layer_load_values(figures_by_layer: Dict[int, Dict[str, float]]) -> Dict[str, float]:
+    """Log line name -> the largest of each load figure over the MoE layers."""
+    values = {}
+    for figures in figures_by_layer.values():
+        for name, value in figures.items():
+            key = LOAD_LOG_LINE[name]
+            values[key] = max(values.get(key, value), value)
+    return values
+
+
+def print_as_is(total_loss_dict: dict, values: Dict[str, float], skipped_iter) -> None:
+    """Megatron's log line prints total_loss_dict[key] / the interval's advanced iterations
+    (the mean of the steps' values); set the sums so that it prints each value itself (and
+    forget the last interval's load figures where this one has none)."""
+    advanced = total_loss_dict.get("advanced iterations", 0) + (0 if skipped_iter else 1)
+    for key in LOAD_LOG_LINE.values():
+        total_loss_dict.pop(key, None)
+    for key, value in values.items():
+        total_loss_dict[key] = torch.tensor([value * max(advanced, 1)], dtype=torch.float64)
+
+
 def traffic_summary(traffic: torch.Tensor, iteration: int, steps: int) -> Optional[str]:
     """One line: the all-to-all bytes per rank, MoE layer and step over the last ``steps``,
     mean over the ranks and the busiest rank (None when no rank holds a counting layer)."""
@@ -322,7 +390,9 @@ def traffic_scalars(traffic: torch.Tensor) -> Dict[int, Dict[str, float]]:
 
 
 def null_expert_training_log(original, monitor: NullExpertMonitor):
-    """Megatron's training_log with the null statistics among the logged losses."""
+    """Megatron's training_log with the null statistics among the logged losses, and at each
+    log interval the load figures over the interval's steps."""
+    signature = inspect.signature(original)
 
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *more, **kwargs):
         from megatron.training import get_args, get_tensorboard_writer
@@ -334,11 +404,23 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
             loss_dict = dict(loss_dict)
             for key, value in values.items():
                 loss_dict[key] = torch.tensor([value], device=device)
+        loads = monitor.interval_load_figures(args)
+        load_values = worst_layer_load_values(loads)
+        if monitor.null_config is not None and iteration % args.log_interval == 0:
+            bound = signature.bind(loss_dict, total_loss_dict, learning_rate, iteration, *more,
+                                   **kwargs)
+            print_as_is(total_loss_dict, load_values, bound.arguments.get("skipped_iter", 0))
         report = original(loss_dict, total_loss_dict, learning_rate, iteration, *more, **kwargs)
         writer = get_tensorboard_writer()
         if writer is not None and iteration % args.log_interval == 0 and values:
             for layer, scalars in layer_scalars(monitor, args).items():
                 for name, value in scalars.items():
+                    writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
+        if writer is not None:
+            for key, value in load_values.items():
+                writer.add_scalar(key, value, iteration)
+            for layer, figures in loads.items():
+                for name, value in figures.items():
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         traffic = monitor.traffic
         summary = traffic_summary(traffic, iteration, monitor.traffic_steps) \

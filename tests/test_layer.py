@@ -330,3 +330,28 @@ def test_dropped_assignments_are_counted_apart_from_null_choices(parallel_state)
     assert stats.real_slots == int(chosen.sum())
     assert stats.dropped_real_slots == int(chosen.sum() - routing_map.sum()) > 0
     assert stats.mean_computed_experts == pytest.approx(int(routing_map.sum()) / 64)
+
+
+def test_real_assignments_per_expert_are_counted_before_drops(parallel_state):
+    """Per real expert: the tokens the routing chose it for (padding left out), before the
+    capacity drops, in training only; reset with the other counters."""
+    from reference import reference_route
+
+    layer = build_moe_layer(moe_config(moe_expert_capacity_factor=0.5), real_fraction=0.5)
+    router = layer.router
+    hidden = _hidden(64).reshape(32, 2, 16)
+    padding_mask = torch.zeros(32, 2, dtype=torch.bool)
+    padding_mask[28:] = True
+    with torch.no_grad():
+        router.eval()
+        logits = router.gating(hidden).reshape(-1, 9)
+        router(hidden)
+    assert int(router.real_assignments_per_expert.sum()) == 0  # evaluation counts nothing
+    router.train()
+    _, routed_map = router(hidden, padding_mask=padding_mask)
+    _, chosen_map, _ = reference_route(logits[:, :8], logits[:, 8], 8, 4)
+    expected = chosen_map[~padding_mask.reshape(-1)].sum(dim=0)
+    assert torch.equal(router.real_assignments_per_expert, expected)
+    assert int(expected.sum()) > int(routed_map[~padding_mask.reshape(-1)].sum())  # drops
+    assert int(expected.sum()) == pop_layer_statistics(layer)[1].real_slots
+    assert int(router.real_assignments_per_expert.sum()) == 0  # popped with the rest

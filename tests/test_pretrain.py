@@ -77,11 +77,31 @@ def _resume_equals_uninterrupted(tmp_path, nproc, *parallel):
     assert sorted(second["lm loss"]) == [4, 5, 6]
     assert first["null_moe/budget_bias_layer_01"][4] != 0  # the controller has moved it
     for tag in ("lm loss", "null real fraction", "null zero-real tokens", "null budget bias",
-                "null_moe/budget_bias_layer_01", "null_moe/budget_bias_layer_02"):
+                "null_moe/budget_bias_layer_01", "null_moe/budget_bias_layer_02",
+                "null busiest expert / mean"):
         for step in (4, 5, 6):
             assert second[tag][step] == pytest.approx(first[tag][step], rel=1e-5, abs=1e-7), (
                 tag, step)
     return first
+
+
+def _assert_load_figures(tensorboard, expert_parallel_size=1):
+    """Per layer and step, the busiest expert over the mean (>= 1), the log line's worst
+    layer, and under EP the busiest EP rank over the mean, at most the expert figure."""
+    figures = {"expert_load_max_over_mean": "null busiest expert / mean"}
+    if expert_parallel_size > 1:
+        figures["ep_rank_load_max_over_mean"] = "null busiest EP rank / mean"
+    for figure, line in figures.items():
+        layers = [tensorboard[f"null_moe/{figure}_layer_{layer}"] for layer in ("01", "02")]
+        assert sorted(tensorboard[line]) == sorted(layers[0]) == sorted(layers[1])
+        for step, worst in tensorboard[line].items():
+            assert worst == max(layer[step] for layer in layers) >= 1, (figure, step)
+    for layer in ("01", "02") if expert_parallel_size > 1 else ():
+        experts = tensorboard[f"null_moe/expert_load_max_over_mean_layer_{layer}"]
+        ranks = tensorboard[f"null_moe/ep_rank_load_max_over_mean_layer_{layer}"]
+        assert all(1 <= ranks[step] <= experts[step] for step in experts), layer
+    if expert_parallel_size == 1:
+        assert not any("ep_rank_load" in tag or "EP rank" in tag for tag in tensorboard)
 
 
 def test_single_process_trains_saves_and_resumes_exactly(tmp_path):
@@ -93,6 +113,7 @@ def test_single_process_trains_saves_and_resumes_exactly(tmp_path):
                 "null worst layer real fraction error"):
         assert tag in tensorboard, tag
     assert set(tensorboard["null expected real experts/token"].values()) == {1.0}
+    _assert_load_figures(tensorboard)
 
 
 @pytest.mark.world_size(2)
@@ -110,6 +131,21 @@ def test_expert_parallel_two_ranks_trains_saves_and_resumes_exactly(tmp_path):
         most = tensorboard[f"null_moe/alltoall_dispatch_sent_bytes_max_layer_{layer}"]
         assert all(most[step] >= value for step, value in sent.items())
         assert tensorboard[f"null_moe/alltoall_sent_bytes_mean_layer_{layer}"][1] > sent[1]
+    _assert_load_figures(tensorboard, expert_parallel_size=2)
+
+
+def test_upstream_comparable_run_logs_the_expert_load_over_the_log_interval(tmp_path):
+    """--moe-null-expert-rho 1 (no null copies: Megatron's top-K) gets the load figures too;
+    with --log-interval 2 they are written at iteration 2 only, over both steps, and the log
+    line prints the worst layer's figure itself (not Megatron's mean over the steps)."""
+    output = run_pretrain(tmp_path, "--train-iters", "2", "--log-interval", "2",
+                          "--moe-null-expert-rho", "1")
+    logged = scalars(tmp_path)
+    _assert_load_figures(logged)
+    assert sorted(logged["null busiest expert / mean"]) == [2]
+    (line,) = [line for line in output.splitlines() if "iteration        2/" in line]
+    printed = float(line.split("null busiest expert / mean: ")[1].split(" ")[0])
+    assert printed == pytest.approx(logged["null busiest expert / mean"][2], rel=1e-6)
 
 
 def test_real_fraction_tracks_target(tmp_path):
@@ -197,6 +233,7 @@ def test_ordinary_moe_checkpoint_loads_into_null_expert_model(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "null busiest expert" not in result.stdout  # without null experts: Megatron's log
     run_pretrain(null_dir, "--train-iters", "1", "--lr", "0", "--min-lr", "0",
                  "--load", str(moe_dir / "ckpt"), "--finetune", "--no-load-optim",
                  "--dist-ckpt-strictness", "log_all",
