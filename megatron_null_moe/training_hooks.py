@@ -436,8 +436,8 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
 
 
 class CheckpointRefusal(ValueError):
-    """Optimizer state at --load this run cannot load as asked. Raised while Megatron loads
-    the checkpoint, after the model is built; the entry point prints it as one error line."""
+    """What --load holds that this run cannot load as asked. Raised while Megatron loads the
+    checkpoint, after the model is built; the entry point prints it as one error line."""
 
 
 def _loads_optimizer_state(checkpoint_args, args, release: bool) -> bool:
@@ -550,16 +550,72 @@ def refuse_distributed_optimizer_state_megatron_cannot_load(checkpoint_args, arg
             "Saving with --dist-ckpt-optim-fully-reshardable writes a layout that reshards.")
 
 
+VOCAB_DIVISIBLE_FLAG = "--make-vocab-size-divisible-by"
+
+
+def vocabulary_multiples_keeping(padded_vocab_size: int, vocab_size: int,
+                                 tensor_parallel_size: int) -> list:
+    """The --make-vocab-size-divisible-by values d for which Megatron pads ``vocab_size``
+    tokens to ``padded_vocab_size`` rows at this TP: ceil(V / (d*TP)) * d*TP = padded."""
+    keeping = []
+    for divisible_by in range(1, padded_vocab_size // tensor_parallel_size + 1):
+        multiple = divisible_by * tensor_parallel_size
+        if padded_vocab_size % multiple == 0 and padded_vocab_size - multiple < vocab_size:
+            keeping.append(divisible_by)
+    return keeping
+
+
+def refuse_padded_vocabulary_change(checkpoint_args, args, vocab_size: int) -> None:
+    """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP and
+    loads a checkpoint of fewer rows into the first rows of this run's embedding and output
+    layer without a word: the rest stay zero, their logits join the softmax and the loss
+    jumps (by about ln 2 from 128 to 256 rows). Refused, naming the value that keeps the
+    checkpoint's rows at this TP."""
+    saved = getattr(checkpoint_args, "padded_vocab_size", None)
+    wanted = getattr(args, "padded_vocab_size", None)
+    if saved is None or wanted is None or saved == wanted:
+        return
+    tensor_parallel = args.tensor_model_parallel_size
+    saved_layout = (f"{VOCAB_DIVISIBLE_FLAG} "
+                    f"{getattr(checkpoint_args, 'make_vocab_size_divisible_by', None)} at "
+                    f"--tensor-model-parallel-size "
+                    f"{getattr(checkpoint_args, 'tensor_model_parallel_size', None)}")
+    keeping = vocabulary_multiples_keeping(saved, vocab_size, tensor_parallel)
+    allowed = (f"{VOCAB_DIVISIBLE_FLAG} {max(keeping)} (the largest of the {len(keeping)} "
+               "values that keep it)" if keeping else
+               f"no {VOCAB_DIVISIBLE_FLAG} pads {vocab_size} tokens to {saved} rows at "
+               f"--tensor-model-parallel-size {tensor_parallel}: the checkpoint's TP")
+    raise CheckpointRefusal(
+        f"{VOCAB_DIVISIBLE_FLAG} {args.make_vocab_size_divisible_by}: the checkpoint at --load "
+        f"has a vocabulary of {saved} rows ({vocab_size} tokens padded by {saved_layout}), "
+        f"this run pads it to {wanted} at --tensor-model-parallel-size {tensor_parallel}, and "
+        f"Megatron would fill the extra rows with zeros that join the softmax; allowed: "
+        f"{allowed}.")
+
+
+def _unpadded_vocab_size(args) -> int:
+    from megatron.training import get_tokenizer
+
+    try:
+        return get_tokenizer().vocab_size
+    except (AssertionError, AttributeError):  # no tokenizer built (a library caller)
+        return args.vocab_size
+
+
 def null_expert_checkpoint_load(original):
-    """Megatron's _load_base_checkpoint, then the checks of the optimizer state it will load:
-    saved on the other expert path, across expert groups, or a distributed optimizer's state
-    Megatron cannot load."""
+    """Megatron's _load_base_checkpoint, then the checks of what it will load: a vocabulary
+    padded to other rows, and optimizer state saved on the other expert path, across expert
+    groups, or a distributed optimizer's state Megatron cannot load."""
     from megatron.core.optimizer import distrib_optimizer
 
     def _load_base_checkpoint(load_dir, args, *more, **kwargs):
         result = original(load_dir, args, *more, **kwargs)
         state_dict, _, release, _ = result
         if state_dict and state_dict.get("args") is not None:
+            saved_args = state_dict["args"]
+            if (getattr(saved_args, "padded_vocab_size", None)
+                    != getattr(args, "padded_vocab_size", None)):
+                refuse_padded_vocabulary_change(saved_args, args, _unpadded_vocab_size(args))
             refuse_optimizer_state_across_expert_paths(state_dict["args"], args, release)
             refuse_optimizer_state_across_expert_groups(state_dict["args"], args, release)
             refuse_distributed_optimizer_state_megatron_cannot_load(

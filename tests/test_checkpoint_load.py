@@ -134,3 +134,39 @@ def test_optimizer_state_refused_across_expert_groups(saved, run):
 ])
 def test_optimizer_state_loads_within_expert_groups_or_not_at_all(saved, run):
     refuse_optimizer_state_across_expert_groups(saved, run, False)
+
+
+def _vocabulary(padded, divisible_by, tensor_parallel, vocab_size=128):
+    return SimpleNamespace(padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by,
+                           tensor_model_parallel_size=tensor_parallel, vocab_size=vocab_size)
+
+
+def test_vocabulary_multiples_keeping_the_rows_follow_megatrons_padding():
+    import math
+
+    from megatron_null_moe.training_hooks import vocabulary_multiples_keeping
+
+    for vocab_size, padded, tensor_parallel in ((128, 128, 2), (151669, 151936, 2), (100, 128, 4)):
+        keeping = vocabulary_multiples_keeping(padded, vocab_size, tensor_parallel)
+        everything = [d for d in range(1, padded + 1)  # Megatron's rule, tried one by one
+                      if math.ceil(vocab_size / (d * tensor_parallel)) * d * tensor_parallel
+                      == padded]
+        assert keeping == everything and keeping, (vocab_size, padded, tensor_parallel)
+
+
+def test_a_vocabulary_padded_to_other_rows_is_refused_naming_the_value_that_keeps_it():
+    from megatron_null_moe.training_hooks import refuse_padded_vocabulary_change
+
+    saved = _vocabulary(128, 128, 1)  # 128 tokens, TP 1: 128 rows
+    with pytest.raises(ValueError, match=(
+            r"--make-vocab-size-divisible-by 128: the checkpoint at --load has a vocabulary "
+            r"of 128 rows .* this run pads it to 256 at --tensor-model-parallel-size 2.*"
+            r"allowed: --make-vocab-size-divisible-by 64 \(the largest of the 7 values that "
+            r"keep it\)\.$")):
+        refuse_padded_vocabulary_change(saved, _vocabulary(256, 128, 2), 128)
+    refuse_padded_vocabulary_change(saved, _vocabulary(128, 64, 2), 128)  # the same rows
+    refuse_padded_vocabulary_change(SimpleNamespace(), _vocabulary(256, 128, 2), 128)
+    odd = _vocabulary(129, 1, 1, vocab_size=129)  # 129 rows cannot split over TP 2
+    with pytest.raises(ValueError, match="allowed: no --make-vocab-size-divisible-by pads 129 "
+                                         "tokens to 129 rows at --tensor-model-parallel-size 2"):
+        refuse_padded_vocabulary_change(odd, _vocabulary(130, 1, 2, vocab_size=129), 129)

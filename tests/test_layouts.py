@@ -108,9 +108,10 @@ class Runs:
                 "3", *flags]
         return {"name": f"{path}/{name}", "argv": argv, "expect_error": expect_error}
 
-    def from_initial(self, path: str, name: str, *flags: str) -> dict:
+    def from_initial(self, path: str, name: str, *flags: str, expect_error=None) -> dict:
         """Weights and controller state of the initial checkpoint; a fresh optimizer."""
-        return self.entry(path, name, "--load", str(self.initial), "--no-load-optim", *flags)
+        return self.entry(path, name, "--load", str(self.initial), "--no-load-optim", *flags,
+                          expect_error=expect_error)
 
     def resumed(self, path: str, source: str, name: str, *flags: str, expect_error=None) -> dict:
         """Everything the source run saved at iteration 3, optimizer state included."""
@@ -147,6 +148,11 @@ class Runs:
                                  "distributed_optimizer_state_refused",
                                  *_layout("ep8_distributed_optimizer", "megatron"),
                                  expect_error="--no-load-optim"))
+        # The one-process checkpoint (128 rows: 64 x TP 1) at TP 2 with Megatron's default
+        # multiple of 128, which would pad it to 256 rows.
+        runs.append(self.from_initial("megatron", "vocabulary_padding_refused", *TP2_SP,
+                                      "--make-vocab-size-divisible-by", "128",
+                                      expect_error="--make-vocab-size-divisible-by"))
         return runs + self.resharding(target_is_one_process=False)
 
     def one_process_last(self) -> list:
@@ -261,3 +267,12 @@ def test_distributed_optimizer_state_refused_without_apex_or_transformer_engine(
     assert error.startswith(ONE_LINE_REFUSAL), error
     assert "--use-distributed-optimizer: without apex or Transformer Engine" in error, error
     assert "--no-load-optim" in error
+
+
+@pytest.mark.world_size(8)
+def test_vocabulary_padded_to_other_rows_refused_naming_the_multiple_that_keeps_it(runs):
+    error = runs.reports["megatron/vocabulary_padding_refused"]["error"]
+    assert error.startswith(ONE_LINE_REFUSAL), error
+    assert "has a vocabulary of 128 rows" in error and "pads it to 256" in error, error
+    assert error.endswith("allowed: --make-vocab-size-divisible-by 64 (the largest of the 7 "
+                          "values that keep it)."), error
