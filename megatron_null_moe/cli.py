@@ -102,3 +102,4 @@ def refusals_as_errors(prog: str, speaks: bool = True,
 pretrain_gpt_command = console_script("megatron_null_moe.pretrain_gpt:main")
 upcycle_command = console_script("megatron_null_moe.upcycle.__main__:main")
 export_command = console_script("megatron_null_moe.export.__main__:main")
+data_command = console_script("megatron_null_moe.data.__main__:main")
