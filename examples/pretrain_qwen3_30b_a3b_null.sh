@@ -49,6 +49,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-50000}
 LR=${LR:-3e-4}
 MIN_LR=${MIN_LR:-3e-5}
 DATA_PATH=${DATA_PATH:-}                            # "prefix" or "w1 prefix1 w2 prefix2 ..."
+# Make one from JSONL or text files: python -m megatron_null_moe.data (docs/data.md).
 MOCK_DATA=${MOCK_DATA:-0}                           # 1: Megatron's mock data, no DATA_PATH needed
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}   # or SentencePieceTokenizer
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-Qwen/Qwen3-30B-A3B}   # HF name/dir, or a .model file

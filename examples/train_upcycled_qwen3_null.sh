@@ -37,6 +37,7 @@ TRAIN_ITERS=${TRAIN_ITERS:-50000}
 LR=${LR:-2e-5}
 MIN_LR=${MIN_LR:-2e-6}
 DATA_PATH=${DATA_PATH:-}                            # "prefix" or "w1 prefix1 w2 prefix2 ..."
+# Make one from JSONL or text files: python -m megatron_null_moe.data (docs/data.md).
 MOCK_DATA=${MOCK_DATA:-0}                           # 1: Megatron's mock data, no DATA_PATH needed
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-Qwen/Qwen3-0.6B}  # HF name or local directory
 # Megatron pads the tokenizer's vocabulary (151669 for Qwen3) up to a multiple of this x TP;

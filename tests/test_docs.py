@@ -185,9 +185,12 @@ PARSERS = {  # command -> how to build its parser
         lambda: importlib.import_module("megatron_null_moe.export.__main__").build_parser(),
     "python -m megatron_null_moe.upcycle":
         lambda: importlib.import_module("megatron_null_moe.upcycle.__main__").build_parser(),
+    "python -m megatron_null_moe.data":
+        lambda: importlib.import_module("megatron_null_moe.data.__main__").build_parser(),
     **{f"python {path}": (lambda path=path: _module_from_file(path).build_parser())
        for path in ("benchmarks/moe_layer_benchmark.py", "benchmarks/scale_model.py",
-                    "benchmarks/alltoall_traffic.py", "scripts/layouts_global_scope.py")},
+                    "benchmarks/alltoall_traffic.py", "scripts/layouts_global_scope.py",
+                    "scripts/real_text_experiment.py")},
 }
 SENTENCE_END = (".", "?", "!")
 

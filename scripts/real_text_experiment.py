@@ -1,0 +1,201 @@
+"""Null experts on real text, on the CPU: the corpus, the training runs and their table.
+
+    .venv/bin/python scripts/real_text_experiment.py corpus
+    .venv/bin/python scripts/real_text_experiment.py train --configs K4_1.0 K8_0.5 --seeds 1 2
+    .venv/bin/python scripts/real_text_experiment.py report
+
+The corpus is the Python standard library's own sources (``.py`` files of this interpreter's
+lib directory, test suites and site-packages left out): code with its docstrings and
+comments, text no one on this project wrote and every machine with Python has. `corpus`
+tokenizes it with `python -m megatron_null_moe.data`, training a SentencePiece model first,
+and holds out documents for validation. `train` runs the entry point from `--train-data-path`
+for each configuration and seed (4 layers, hidden 128, 64 experts of FFN 64, sequence 256;
+every configuration through the plugin's router, rho = 1 included, so each logs its
+per-expert load), saving checkpoints so that an interrupted run resumes where it stopped.
+`report` reads the runs' TensorBoard scalars and writes the table (report.md, report.json).
+Everything goes under --output (default outputs/real_text).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+# name -> (top-K, rho, budget controller): every rho < 1 held at rho by the controller.
+CONFIGS = {
+    "K4_1.0": (4, 1.0, False),
+    "K8_1.0": (8, 1.0, False),
+    "K8_0.5": (8, 0.5, True),
+    "K16_0.25": (16, 0.25, True),
+}
+MODEL = [
+    "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "512",
+    "--num-attention-heads", "4", "--seq-length", "256", "--max-position-embeddings", "256",
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--qk-layernorm",
+    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--num-experts", "64", "--moe-ffn-hidden-size", "64", "--moe-router-dtype", "fp32",
+    "--moe-null-balance-scope", "global", "--moe-aux-loss-coeff", "2e-2",
+    "--moe-z-loss-coeff", "1e-3", "--moe-null-expert-path", "lean",
+    "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--transformer-impl", "local", "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--distributed-backend", "gloo",
+]
+OPTIMISATION = ["--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "3e-3",
+                "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+                "--weight-decay", "0.1", "--clip-grad", "1.0"]
+CORPUS_VOCAB = 1024
+VALIDATION_FRACTION = 0.02
+
+
+def stdlib_sources() -> list:
+    """The standard library's .py files, sorted: test suites and site-packages left out."""
+    library = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "site-packages", "idle_test"}
+    return sorted(path for path in library.rglob("*.py")
+                  if not skipped & set(path.relative_to(library).parts[:-1]))
+
+
+def corpus(options) -> None:
+    output = options.output / "corpus"
+    output.mkdir(parents=True, exist_ok=True)
+    files = stdlib_sources()
+    listing = output / "files.txt"
+    listing.write_text("\n".join(str(path) for path in files) + "\n")
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "megatron_null_moe.data", "--input", *map(str, files),
+                    "--train-sentencepiece", str(CORPUS_VOCAB),
+                    "--validation-fraction", str(VALIDATION_FRACTION),
+                    "--output-prefix", str(output / "stdlib"), "--workers", "2",
+                    *(["--overwrite"] if options.overwrite else [])], check=True)
+    (output / "corpus.json").write_text(json.dumps({
+        "files": len(files), "python": sys.version.split()[0],
+        "library": sysconfig.get_paths()["stdlib"], "seconds": round(time.time() - started),
+        "date": time.strftime("%Y-%m-%d")}, indent=1))
+
+
+def run_arguments(options, name: str, seed: int) -> list:
+    topk, rho, controller = CONFIGS[name]
+    corpus_dir = options.output / "corpus"
+    run = options.output / "runs" / f"{name}_seed{seed}"
+    return [
+        *MODEL, "--moe-router-topk", str(topk), "--moe-null-expert-rho", str(rho),
+        *(["--moe-null-budget-controller"] if controller else []),
+        *OPTIMISATION, "--train-iters", str(options.iterations), "--seed", str(seed),
+        "--lr-warmup-iters", str(min(100, options.iterations // 10)),
+        "--train-data-path", str(corpus_dir / "stdlib_text_document"),
+        "--valid-data-path", str(corpus_dir / "stdlib_valid_text_document"),
+        "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", str(corpus_dir / "stdlib.model"),
+        "--eval-interval", str(options.eval_interval), "--eval-iters", "16",
+        "--log-interval", "50", "--tensorboard-dir", str(run / "tb"),
+        "--save", str(run / "ckpt"), "--load", str(run / "ckpt"),
+        "--save-interval", str(options.eval_interval),
+    ]
+
+
+def train(options) -> None:
+    for seed in options.seeds:
+        for name in options.configs:
+            run = options.output / "runs" / f"{name}_seed{seed}"
+            if (run / "done.json").exists():
+                continue
+            run.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            with open(run / "output.txt", "a") as log:
+                subprocess.run([sys.executable, "-m", "megatron_null_moe.pretrain_gpt",
+                                *run_arguments(options, name, seed)], check=True, stdout=log,
+                               stderr=subprocess.STDOUT,
+                               env=dict(os.environ, OMP_NUM_THREADS="2",
+                                        PYTHONWARNINGS="ignore"))
+            (run / "done.json").write_text(json.dumps(
+                {"seconds_last_launch": round(time.time() - started),
+                 "iterations": options.iterations, "date": time.strftime("%Y-%m-%d")}))
+            print(f"{name} seed {seed}: {time.time() - started:.0f} s", flush=True)
+
+
+def _mean_over_last(values: dict, fraction: float = 0.2):
+    steps = sorted(values)
+    last = steps[int(len(steps) * (1 - fraction)):] or steps
+    return sum(values[step] for step in last) / len(last)
+
+
+def run_summary(run: Path) -> dict:
+    from test_pretrain import scalars
+
+    logged = scalars(run)
+    layers = sorted({tag.rsplit("_", 1)[1] for tag in logged
+                     if tag.startswith("null_moe/real_fraction_layer_")})
+    final = max(logged["lm loss validation"])
+
+    def per_layer(name):
+        return [round(_mean_over_last(logged[f"null_moe/{name}_layer_{layer}"]), 4)
+                for layer in layers if f"null_moe/{name}_layer_{layer}" in logged]
+
+    return {
+        "iterations": max(logged["lm loss"]),
+        "train_loss_last_fifth": round(_mean_over_last(logged["lm loss"]), 4),
+        "validation_loss": round(logged["lm loss validation"][final], 4),
+        "real_experts_per_token": round(_mean_over_last(logged["null real experts/token"]), 4),
+        "real_fraction_by_layer": per_layer("real_fraction"),
+        "zero_real_fraction_by_layer": per_layer("zero_real_fraction"),
+        "expert_load_max_over_mean_by_layer": per_layer("expert_load_max_over_mean"),
+    }
+
+
+def report(options) -> None:
+    runs = {}
+    for run in sorted((options.output / "runs").glob("*_seed*")):
+        if (run / "tb").exists():
+            runs[run.name] = run_summary(run)
+    (options.output / "report.json").write_text(json.dumps(runs, indent=1))
+    lines = ["| run | iterations | train loss (last fifth) | validation loss | real experts / "
+             "token | real fraction per layer | zero-real tokens per layer | busiest expert / "
+             "mean per layer |", "|---" * 8 + "|"]
+    for name, summary in runs.items():
+        lines.append(
+            f"| {name} | {summary['iterations']} | {summary['train_loss_last_fifth']} | "
+            f"{summary['validation_loss']} | {summary['real_experts_per_token']} | "
+            f"{', '.join(map(str, summary['real_fraction_by_layer']))} | "
+            f"{', '.join(map(str, summary['zero_real_fraction_by_layer']))} | "
+            f"{', '.join(map(str, summary['expert_load_max_over_mean_by_layer']))} |")
+    (options.output / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train null-expert and upstream-comparable MoE configurations on the "
+                    "Python standard library's sources and tabulate loss and routing.")
+    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "real_text",
+                        help="Directory of the corpus, the runs and the report.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("corpus", help="Tokenize the standard library's sources.")
+    build.add_argument("--overwrite", action="store_true",
+                       help="Replace a corpus that exists.")
+    run = commands.add_parser("train", help="Train (or resume) each configuration and seed.")
+    run.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
+                     help="Configurations, named K{top-K}_{rho}.")
+    run.add_argument("--seeds", nargs="+", type=int, default=[1],
+                     help="Seeds, each a run of every configuration.")
+    run.add_argument("--iterations", type=int, default=1500,
+                     help="Iterations of 2,048 tokens each run trains.")
+    run.add_argument("--eval-interval", type=int, default=250,
+                     help="Iterations between validations and checkpoints.")
+    commands.add_parser("report", help="Write report.md and report.json from the runs.")
+    return parser
+
+
+def main(argv=None) -> None:
+    options = build_parser().parse_args(argv)
+    {"corpus": corpus, "train": train, "report": report}[options.command](options)
+
+
+if __name__ == "__main__":
+    main()
