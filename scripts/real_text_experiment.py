@@ -120,6 +120,128 @@ def train(options) -> None:
             print(f"{name} seed {seed}: {time.time() - started:.0f} s", flush=True)
 
 
+# Token kinds by the piece's characters (SentencePiece's space mark and byte pieces decoded).
+TOKEN_KINDS = ("whitespace", "punctuation", "digits", "word")
+EP_SIZES = (8, 16, 32, 64)
+
+
+def token_kind(piece: str) -> str:
+    """whitespace (spaces, newlines, indentation), punctuation (operators, brackets, quotes),
+    digits, or word (any letter: identifiers, keywords, English)."""
+    if piece.startswith("<0x") and piece.endswith(">"):
+        piece = bytes([int(piece[3:-1], 16)]).decode("latin-1")
+    text = piece.replace("\u2581", " ")
+    if not text.strip():
+        return "whitespace"
+    if any(character.isalpha() for character in text):
+        return "word"
+    if any(character.isdigit() for character in text):
+        return "digits"
+    return "punctuation"
+
+
+def held_out_batches(options, sequences: int, length: int = 256):
+    """[sequences, length] token ids: the held-out documents, concatenated and cut."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(options.output / "corpus" / "stdlib_valid_text_document"))
+    tokens = numpy.concatenate([dataset[index] for index in range(len(dataset))])
+    usable = min(sequences, len(tokens) // length) * length
+    return torch.from_numpy(tokens[:usable].astype("int64")).view(-1, length)
+
+
+def route_checkpoint(checkpoint_dir: Path, tokens):
+    """Per MoE layer, [tokens, N] bool: the real experts each held-out token's routing chose
+    (eval mode, the final checkpoint, its budget controller's bias included)."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron_null_moe.export.checkpoint import moe_model
+    from megatron_null_moe.router import NullExpertRouter
+    from megatron_null_moe.upcycle import checkpoint
+    from megatron_null_moe.upcycle.architecture import build_gpt_model
+
+    directory = checkpoint.checkpoint_directory(checkpoint_dir)
+    model = moe_model(directory, checkpoint.read_args(directory))
+    gpt = build_gpt_model(model.dense, model.moe)
+    loaded = dist_checkpointing.load({"model": checkpoint.sharded_state_dict(gpt)},
+                                     str(directory))
+    gpt.load_state_dict(loaded["model"], strict=False)
+    gpt.eval()
+    maps = []
+    for module in gpt.modules():
+        if isinstance(module, NullExpertRouter):
+            module.register_forward_hook(lambda module, inputs, output: maps.append(output[1]))
+    batch, length = tokens.shape
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+    positions = torch.arange(length)[None].expand(batch, length)
+    with torch.no_grad():
+        gpt(tokens, positions, mask)
+    # Megatron routes [S, B] flattened: back to [B, S] order, one row per token.
+    return [routing.view(length, batch, -1).transpose(0, 1).reshape(batch * length, -1)
+            for routing in maps]
+
+
+def routing_analysis(routing_maps: list, tokens, pieces) -> dict:
+    """Per layer: the distribution of real experts per token, the busiest expert and EP rank
+    over the mean, and the mean real experts per token kind."""
+    import torch
+
+    from megatron_null_moe.metrics import expert_parallel_rank_loads, load_max_over_mean
+
+    kinds = [token_kind(pieces[int(token)]) for token in tokens.flatten()]
+    layers = []
+    for routing in routing_maps:
+        real = routing.sum(dim=-1)
+        per_expert = routing.sum(dim=0).double()
+        distribution = torch.bincount(real, minlength=routing.shape[1] + 1).double()
+        by_kind = {}
+        for kind in TOKEN_KINDS:
+            chosen = torch.tensor([k == kind for k in kinds])
+            if chosen.any():
+                by_kind[kind] = {"tokens": int(chosen.sum()),
+                                 "real_experts": round(float(real[chosen].double().mean()), 3)}
+        layers.append({
+            "real_experts_distribution": [round(float(share), 4) for share in
+                                          (distribution / distribution.sum())[:17]],
+            "expert_load_max_over_mean": round(load_max_over_mean(per_expert), 3),
+            "ep_rank_load_max_over_mean": {
+                ep: round(load_max_over_mean(expert_parallel_rank_loads(per_expert, ep)), 3)
+                for ep in EP_SIZES if routing.shape[1] % ep == 0},
+            "real_experts_by_token_kind": by_kind,
+        })
+    return {"tokens": int(tokens.numel()), "layers": layers}
+
+
+def analyse(options) -> None:
+    """Route the held-out tokens through each finished run's final checkpoint and keep what
+    the training log cannot say: per token, per kind of token and per EP rank."""
+    import sentencepiece
+
+    from megatron_null_moe.cpu import cpu_harness, destroy_cpu_parallel_state, \
+        init_cpu_parallel_state
+
+    model = sentencepiece.SentencePieceProcessor(
+        model_file=str(options.output / "corpus" / "stdlib.model"))
+    pieces = [model.id_to_piece(index) for index in range(model.get_piece_size())]
+    tokens = held_out_batches(options, options.sequences)
+    with cpu_harness():
+        init_cpu_parallel_state()
+        try:
+            for run in sorted((options.output / "runs").glob("*_seed*")):
+                target = run / "analysis.json"
+                if not (run / "done.json").exists() or target.exists():
+                    continue
+                routing = route_checkpoint(run / "ckpt", tokens)
+                target.write_text(json.dumps(routing_analysis(routing, tokens, pieces),
+                                             indent=1))
+                print(f"{run.name}: analysed {tokens.numel()} held-out tokens", flush=True)
+        finally:
+            destroy_cpu_parallel_state()
+
+
 def _mean_over_last(values: dict, fraction: float = 0.2):
     steps = sorted(values)
     last = steps[int(len(steps) * (1 - fraction)):] or steps
@@ -165,8 +287,30 @@ def report(options) -> None:
             f"{', '.join(map(str, summary['real_fraction_by_layer']))} | "
             f"{', '.join(map(str, summary['zero_real_fraction_by_layer']))} | "
             f"{', '.join(map(str, summary['expert_load_max_over_mean_by_layer']))} |")
+    lines += ["", analysis_table(options)]
     (options.output / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def analysis_table(options) -> str:
+    """The held-out routing of each analysed run: the busiest EP rank over the mean (worst
+    layer) at each EP, and the mean real experts per token kind (mean over layers)."""
+    lines = ["| run | held-out tokens | busiest EP rank / mean, worst layer: "
+             + ", ".join(f"EP {ep}" for ep in EP_SIZES) + " | real experts per token: "
+             + ", ".join(TOKEN_KINDS) + " |", "|---|---|---|---|"]
+    for run in sorted((options.output / "runs").glob("*_seed*")):
+        if not (run / "analysis.json").exists():
+            continue
+        analysis = json.loads((run / "analysis.json").read_text())
+        layers = analysis["layers"]
+        worst = [max(layer["ep_rank_load_max_over_mean"][str(ep)] for layer in layers)
+                 for ep in EP_SIZES]
+        kinds = [sum(layer["real_experts_by_token_kind"][kind]["real_experts"]
+                     for layer in layers) / len(layers) for kind in TOKEN_KINDS]
+        lines.append(f"| {run.name} | {analysis['tokens']} | "
+                     f"{', '.join(f'{value:.2f}' for value in worst)} | "
+                     f"{', '.join(f'{value:.2f}' for value in kinds)} |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,13 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Iterations of 2,048 tokens each run trains.")
     run.add_argument("--eval-interval", type=int, default=250,
                      help="Iterations between validations and checkpoints.")
+    study = commands.add_parser(
+        "analyse", help="Route held-out tokens through each finished run's final checkpoint.")
+    study.add_argument("--sequences", type=int, default=64,
+                       help="Held-out sequences of 256 tokens to route.")
     commands.add_parser("report", help="Write report.md and report.json from the runs.")
     return parser
 
 
 def main(argv=None) -> None:
     options = build_parser().parse_args(argv)
-    {"corpus": corpus, "train": train, "report": report}[options.command](options)
+    {"corpus": corpus, "train": train, "analyse": analyse,
+     "report": report}[options.command](options)
 
 
 if __name__ == "__main__":
