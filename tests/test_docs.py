@@ -245,3 +245,13 @@ def test_every_flag_is_on_the_flags_page_and_every_named_flag_exists():
                                     page_path.read_text())}
     unknown = sorted(f"{_page_id(path)}: {flag}" for path, flag in named if flag not in flags)
     assert not unknown, unknown
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_launch_with_null_experts_shows_the_dispatcher(page):
+    """A launch a reader copies names alltoall: with allgather null slots save no traffic."""
+    for language, block in FENCE.findall(page.read_text()):
+        for command in _commands(block) if language == "bash" else ():
+            if "pretrain_gpt" in command and "--moe-null-expert-rho" in command:
+                assert "--moe-token-dispatcher-type alltoall" in command, \
+                    f"{_page_id(page)}: {command}"
