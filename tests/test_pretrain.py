@@ -260,7 +260,7 @@ def test_lean_expert_path_equals_the_megatron_path_and_resumes_its_checkpoint(tm
     output = run_pretrain(fresh, "--moe-null-expert-path", "lean", "--moe-null-lean-buffer",
                           "worst-case", "--train-iters", "1")  # the resumed run: auto
     assert "null real fraction" in output
-    assert "; lean buffers worst-case; expert path lean." in output
+    assert "; lean buffers worst-case; expert path lean; dispatcher alltoall" in output
     (megatron / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
     run_pretrain(resumed, "--train-iters", "4", "--load", str(megatron / "ckpt"),
                  "--moe-null-expert-path", "lean", "--save", str(resumed / "ckpt"),
