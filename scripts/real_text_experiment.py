@@ -35,18 +35,22 @@ CONFIGS = {
     "K8_0.5": (8, 0.5, True),
     "K16_0.25": (16, 0.25, True),
 }
-MODEL = [
-    "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "512",
-    "--num-attention-heads", "4", "--seq-length", "256", "--max-position-embeddings", "256",
-    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--qk-layernorm",
-    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--num-experts", "64", "--moe-ffn-hidden-size", "64", "--moe-router-dtype", "fp32",
-    "--moe-null-balance-scope", "global", "--moe-aux-loss-coeff", "2e-2",
-    "--moe-z-loss-coeff", "1e-3", "--moe-null-expert-path", "lean",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--transformer-impl", "local", "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--distributed-backend", "gloo",
+ARCHITECTURE = [
+    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+    "--max-position-embeddings", "256", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--qk-layernorm", "--swiglu", "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
 ]
+# From scratch: 64 experts of FFN 64. Upcycled: a dense FFN of 256 split into G = 4 experts of
+# 64, the 4 slices repeated 16 times (the upcycler's granularity), the same MoE shape.
+EXPERTS = ["--ffn-hidden-size", "512", "--num-experts", "64", "--moe-ffn-hidden-size", "64"]
+DENSE_FFN, GRANULARITY = 256, 4
+ROUTING = ["--moe-router-dtype", "fp32", "--moe-null-balance-scope", "global",
+           "--moe-aux-loss-coeff", "2e-2", "--moe-z-loss-coeff", "1e-3",
+           "--moe-null-expert-path", "lean"]
+RUNTIME = ["--seq-length", "256", "--transformer-impl", "local", "--no-persist-layer-norm",
+           "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--distributed-backend",
+           "gloo"]
 OPTIMISATION = ["--micro-batch-size", "8", "--global-batch-size", "8", "--lr", "3e-3",
                 "--min-lr", "3e-4", "--lr-decay-style", "cosine",
                 "--weight-decay", "0.1", "--clip-grad", "1.0"]
@@ -80,15 +84,12 @@ def corpus(options) -> None:
         "date": time.strftime("%Y-%m-%d")}, indent=1))
 
 
-def run_arguments(options, name: str, seed: int) -> list:
-    topk, rho, controller = CONFIGS[name]
+def common_arguments(options, run: Path, seed: int, iterations: int) -> list:
+    """Data, optimisation, evaluation, checkpoints (resumed from) and logs of one run."""
     corpus_dir = options.output / "corpus"
-    run = options.output / "runs" / f"{name}_seed{seed}"
     return [
-        *MODEL, "--moe-router-topk", str(topk), "--moe-null-expert-rho", str(rho),
-        *(["--moe-null-budget-controller"] if controller else []),
-        *OPTIMISATION, "--train-iters", str(options.iterations), "--seed", str(seed),
-        "--lr-warmup-iters", str(min(100, options.iterations // 10)),
+        *RUNTIME, *OPTIMISATION, "--train-iters", str(iterations), "--seed", str(seed),
+        "--lr-warmup-iters", str(min(100, iterations // 10)),
         "--train-data-path", str(corpus_dir / "stdlib_text_document"),
         "--valid-data-path", str(corpus_dir / "stdlib_valid_text_document"),
         "--tokenizer-type", "SentencePieceTokenizer",
@@ -100,24 +101,67 @@ def run_arguments(options, name: str, seed: int) -> list:
     ]
 
 
+def routing_arguments(name: str) -> list:
+    topk, rho, controller = CONFIGS[name]
+    return [*ROUTING, "--moe-router-topk", str(topk), "--moe-null-expert-rho", str(rho),
+            *(["--moe-null-budget-controller"] if controller else [])]
+
+
+def _train_once(run: Path, arguments: list, iterations: int) -> None:
+    """Train (or resume) the run unless it finished; its output appended to output.txt."""
+    if (run / "done.json").exists():
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(run / "output.txt", "a") as log:
+        subprocess.run([sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *arguments],
+                       check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore"))
+    (run / "done.json").write_text(json.dumps(
+        {"seconds_last_launch": round(time.time() - started), "iterations": iterations,
+         "date": time.strftime("%Y-%m-%d")}))
+    print(f"{run.name}: {time.time() - started:.0f} s", flush=True)
+
+
+def dense_run(options, seed: int) -> Path:
+    """The dense model the upcycled runs start from (FFN 256), trained once per seed."""
+    run = options.output / "runs" / f"dense_seed{seed}"
+    _train_once(run, [*ARCHITECTURE, "--ffn-hidden-size", str(DENSE_FFN),
+                      *common_arguments(options, run, seed, options.dense_iterations)],
+                options.dense_iterations)
+    return run
+
+
+def upcycled_arguments(options, name: str, seed: int, run: Path) -> list:
+    """Upcycle the seed's dense model into configuration ``name`` (once), and the flags
+    that train on from it: the upcycler's model flags, then the routing's."""
+    topk, rho, controller = CONFIGS[name]
+    upcycled = run / "upcycled"
+    if not upcycled.exists():
+        subprocess.run([
+            sys.executable, "-m", "megatron_null_moe.upcycle", "--megatron-checkpoint",
+            str(dense_run(options, seed) / "ckpt"), "--output", str(upcycled),
+            "--num-experts", "64", "--granularity", str(GRANULARITY),
+            "--moe-router-topk", str(topk), "--moe-null-expert-rho", str(rho),
+            "--null-start", "calibrated" if controller else "mean-row",
+            "--seed", str(seed)], check=True)
+    model = (upcycled / "megatron_args.txt").read_text().split()
+    return [*model, *routing_arguments(name), "--pretrained-checkpoint", str(upcycled),
+            *common_arguments(options, run, seed, options.iterations)]
+
+
 def train(options) -> None:
     for seed in options.seeds:
         for name in options.configs:
-            run = options.output / "runs" / f"{name}_seed{seed}"
-            if (run / "done.json").exists():
-                continue
-            run.mkdir(parents=True, exist_ok=True)
-            started = time.time()
-            with open(run / "output.txt", "a") as log:
-                subprocess.run([sys.executable, "-m", "megatron_null_moe.pretrain_gpt",
-                                *run_arguments(options, name, seed)], check=True, stdout=log,
-                               stderr=subprocess.STDOUT,
-                               env=dict(os.environ, OMP_NUM_THREADS="2",
-                                        PYTHONWARNINGS="ignore"))
-            (run / "done.json").write_text(json.dumps(
-                {"seconds_last_launch": round(time.time() - started),
-                 "iterations": options.iterations, "date": time.strftime("%Y-%m-%d")}))
-            print(f"{name} seed {seed}: {time.time() - started:.0f} s", flush=True)
+            if options.upcycled:
+                run = options.output / "runs" / f"upcycled_{name}_seed{seed}"
+                run.mkdir(parents=True, exist_ok=True)
+                arguments = upcycled_arguments(options, name, seed, run)
+            else:
+                run = options.output / "runs" / f"{name}_seed{seed}"
+                arguments = [*ARCHITECTURE, *EXPERTS, *routing_arguments(name),
+                             *common_arguments(options, run, seed, options.iterations)]
+            _train_once(run, arguments, options.iterations)
 
 
 # Token kinds by the piece's characters (SentencePiece's space mark and byte pieces decoded).
@@ -232,7 +276,8 @@ def analyse(options) -> None:
         try:
             for run in sorted((options.output / "runs").glob("*_seed*")):
                 target = run / "analysis.json"
-                if not (run / "done.json").exists() or target.exists():
+                if (not (run / "done.json").exists() or target.exists()
+                        or run.name.startswith("dense")):
                     continue
                 routing = route_checkpoint(run / "ckpt", tokens)
                 target.write_text(json.dumps(routing_analysis(routing, tokens, pieces),
@@ -274,7 +319,7 @@ def run_summary(run: Path) -> dict:
 def report(options) -> None:
     runs = {}
     for run in sorted((options.output / "runs").glob("*_seed*")):
-        if (run / "tb").exists():
+        if (run / "tb").exists() and not run.name.startswith("dense"):
             runs[run.name] = run_summary(run)
     (options.output / "report.json").write_text(json.dumps(runs, indent=1))
     lines = ["| run | iterations | train loss (last fifth) | validation loss | real experts / "
@@ -332,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Iterations of 2,048 tokens each run trains.")
     run.add_argument("--eval-interval", type=int, default=250,
                      help="Iterations between validations and checkpoints.")
+    run.add_argument("--upcycled", action="store_true",
+                     help="Start each configuration from the seed's dense model (trained "
+                          "first, --dense-iterations), upcycled with granularity 4.")
+    run.add_argument("--dense-iterations", type=int, default=750,
+                     help="Iterations of the dense model the upcycled runs start from.")
     study = commands.add_parser(
         "analyse", help="Route held-out tokens through each finished run's final checkpoint.")
     study.add_argument("--sequences", type=int, default=64,
