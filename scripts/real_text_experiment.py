@@ -184,26 +184,29 @@ def token_kind(piece: str) -> str:
     return "punctuation"
 
 
-def held_out_batches(options, sequences: int, length: int = 256):
-    """[sequences, length] token ids: the held-out documents, concatenated and cut."""
+def corpus_batches(options, sequences: int, split: str = "valid", length: int = 256):
+    """[sequences, length] token ids: the held-out (or training) documents, concatenated
+    in order and cut."""
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(str(options.output / "corpus" / "stdlib_valid_text_document"))
-    tokens = numpy.concatenate([dataset[index] for index in range(len(dataset))])
+    prefix = "stdlib_valid_text_document" if split == "valid" else "stdlib_text_document"
+    dataset = IndexedDataset(str(options.output / "corpus" / prefix))
+    needed, pieces, index = sequences * length, [], 0
+    while sum(map(len, pieces)) < needed and index < len(dataset):
+        pieces.append(dataset[index])
+        index += 1
+    tokens = numpy.concatenate(pieces)
     usable = min(sequences, len(tokens) // length) * length
     return torch.from_numpy(tokens[:usable].astype("int64")).view(-1, length)
 
 
-def route_checkpoint(checkpoint_dir: Path, tokens):
-    """Per MoE layer, [tokens, N] bool: the real experts each held-out token's routing chose
-    (eval mode, the final checkpoint, its budget controller's bias included)."""
-    import torch
+def load_checkpoint_model(checkpoint_dir: Path):
+    """The run's final checkpoint as a Megatron GPTModel (TP=PP=EP=1), in eval mode."""
     from megatron.core import dist_checkpointing
 
     from megatron_null_moe.export.checkpoint import moe_model
-    from megatron_null_moe.router import NullExpertRouter
     from megatron_null_moe.upcycle import checkpoint
     from megatron_null_moe.upcycle.architecture import build_gpt_model
 
@@ -213,19 +216,54 @@ def route_checkpoint(checkpoint_dir: Path, tokens):
     loaded = dist_checkpointing.load({"model": checkpoint.sharded_state_dict(gpt)},
                                      str(directory))
     gpt.load_state_dict(loaded["model"], strict=False)
-    gpt.eval()
+    return gpt.eval()
+
+
+def route(gpt, tokens) -> list:
+    """Per MoE layer, [tokens, N] bool: the real experts each token's routing chose (eval
+    mode, the budget controller's bias included), tokens in [B, S] order."""
+    import torch
+
+    from megatron_null_moe.router import NullExpertRouter
+
     maps = []
-    for module in gpt.modules():
-        if isinstance(module, NullExpertRouter):
-            module.register_forward_hook(lambda module, inputs, output: maps.append(output[1]))
+    hooks = [module.register_forward_hook(lambda module, inputs, output: maps.append(output[1]))
+             for module in gpt.modules() if isinstance(module, NullExpertRouter)]
     batch, length = tokens.shape
     mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
     positions = torch.arange(length)[None].expand(batch, length)
     with torch.no_grad():
         gpt(tokens, positions, mask)
+    for hook in hooks:
+        hook.remove()
     # Megatron routes [S, B] flattened: back to [B, S] order, one row per token.
     return [routing.view(length, batch, -1).transpose(0, 1).reshape(batch * length, -1)
             for routing in maps]
+
+
+def rank_statistics(gpt, tokens_RST, topk: int) -> dict:
+    """The scale model's statistics (benchmarks/scale_model.py) of routing R ranks' tokens
+    [R, sequences, length]: per EP size the ranks' computed and exchanged rows per token,
+    averaged over the MoE layers; the busiest expert over the mean; the real fraction."""
+    import torch
+
+    import scale_model
+
+    ranks = tokens_RST.shape[0]
+    counts_LRN = torch.stack([torch.stack(route(gpt, rank_tokens)).sum(dim=1)
+                              for rank_tokens in tokens_RST], dim=1).long()
+    tokens_per_rank = tokens_RST[0].numel()
+    by_ep = {ep: [scale_model.load_statistics(scale_model.rank_loads(counts_RN, ep, 8),
+                                              tokens_per_rank, topk)
+                  for counts_RN in counts_LRN] for ep in EP_SIZES if ep <= ranks}
+    return {
+        "topk": topk,
+        "real_fraction": float(counts_LRN.sum()) / (counts_LRN.shape[0] * ranks
+                                                     * tokens_per_rank * topk),
+        "expert_imbalance": sum(map(scale_model.expert_imbalance, counts_LRN))
+        / len(counts_LRN),
+        "by_ep": {str(ep): scale_model.mean_of(values) for ep, values in by_ep.items()},
+    }
 
 
 def routing_analysis(routing_maps: list, tokens, pieces) -> dict:
@@ -267,10 +305,14 @@ def analyse(options) -> None:
     from megatron_null_moe.cpu import cpu_harness, destroy_cpu_parallel_state, \
         init_cpu_parallel_state
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     model = sentencepiece.SentencePieceProcessor(
         model_file=str(options.output / "corpus" / "stdlib.model"))
     pieces = [model.id_to_piece(index) for index in range(model.get_piece_size())]
-    tokens = held_out_batches(options, options.sequences)
+    tokens = corpus_batches(options, options.sequences)
+    # The scale model's ranks: consecutive training sequences, --rank-sequences per rank.
+    ranks = corpus_batches(options, max(EP_SIZES) * options.rank_sequences, "train")
+    ranks = ranks.view(max(EP_SIZES), options.rank_sequences, -1)
     with cpu_harness():
         init_cpu_parallel_state()
         try:
@@ -279,12 +321,19 @@ def analyse(options) -> None:
                 if (not (run / "done.json").exists() or target.exists()
                         or run.name.startswith("dense")):
                     continue
-                routing = route_checkpoint(run / "ckpt", tokens)
-                target.write_text(json.dumps(routing_analysis(routing, tokens, pieces),
-                                             indent=1))
-                print(f"{run.name}: analysed {tokens.numel()} held-out tokens", flush=True)
+                gpt = load_checkpoint_model(run / "ckpt")
+                analysis = routing_analysis(route(gpt, tokens), tokens, pieces)
+                analysis["ranks"] = rank_statistics(gpt, ranks, CONFIGS[config_of(run)][0])
+                target.write_text(json.dumps(analysis, indent=1))
+                print(f"{run.name}: analysed {tokens.numel()} held-out tokens and "
+                      f"{ranks.numel()} training tokens as {ranks.shape[0]} ranks", flush=True)
         finally:
             destroy_cpu_parallel_state()
+
+
+def config_of(run: Path) -> str:
+    """The configuration name of a run directory ('upcycled_K8_0.5_seed1' -> 'K8_0.5')."""
+    return run.name.removeprefix("upcycled_").rsplit("_seed", 1)[0]
 
 
 def _mean_over_last(values: dict, fraction: float = 0.2):
@@ -319,7 +368,7 @@ def run_summary(run: Path) -> dict:
 def report(options) -> None:
     runs = {}
     for run in sorted((options.output / "runs").glob("*_seed*")):
-        if (run / "tb").exists() and not run.name.startswith("dense"):
+        if (run / "done.json").exists() and not run.name.startswith("dense"):
             runs[run.name] = run_summary(run)
     (options.output / "report.json").write_text(json.dumps(runs, indent=1))
     lines = ["| run | iterations | train loss (last fifth) | validation loss | real experts / "
@@ -358,6 +407,52 @@ def analysis_table(options) -> str:
     return "\n".join(lines)
 
 
+# The scale model's configurations, from the runs of the same name.
+SCALE_CONFIGS = {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
+                 "null K8 rho=0.5": "K8_0.5"}
+
+
+def scale(options) -> None:
+    """The analysed runs' rank statistics in benchmarks/scale_model.py's format (the mean
+    over the seeds analysed), for `python benchmarks/scale_model.py model --statistics`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale_model
+
+    configs = {}
+    for name, config in SCALE_CONFIGS.items():
+        runs = sorted((options.output / "runs").glob(f"{options.prefix}{config}_seed*"))
+        analysed = [json.loads((run / "analysis.json").read_text()) for run in runs
+                    if (run / "analysis.json").exists()]
+        summaries = [run_summary(run) for run in runs if (run / "analysis.json").exists()]
+        if not analysed:
+            continue
+        ranks = [analysis["ranks"] for analysis in analysed]
+        configs[name] = {
+            "run": f"{options.prefix}{config}", "seeds": len(ranks), "topk": ranks[0]["topk"],
+            "training_real_fraction_last_fifth": [
+                sum(layer) / len(layer) for layer in
+                zip(*(summary["real_fraction_by_layer"] for summary in summaries))],
+            "real_fraction": sum(r["real_fraction"] for r in ranks) / len(ranks),
+            "expert_imbalance": sum(r["expert_imbalance"] for r in ranks) / len(ranks),
+            "by_ep": {ep: scale_model.mean_of([r["by_ep"][ep] for r in ranks])
+                      for ep in ranks[0]["by_ep"]},
+        }
+    corpus_info = json.loads((options.output / "corpus" / "corpus.json").read_text())
+    statistics = {
+        "how": {"corpus": "the Python standard library's .py sources (tests and site-packages "
+                          f"left out), Python {corpus_info['python']}",
+                "experts": 64, "ranks": max(EP_SIZES),
+                "tokens_per_rank": options.rank_sequences * 256, "gpus_per_node": 8,
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": "this project's CPU machine (2 cores, no GPU)"},
+        "configs": configs,
+    }
+    suffix = f"_{options.prefix.strip('_')}" if options.prefix else ""
+    target = options.output / f"scale_statistics{suffix}.json"
+    target.write_text(json.dumps(statistics, indent=1) + "\n")
+    print(f"wrote {target}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train null-expert and upstream-comparable MoE configurations on the "
@@ -386,13 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
         "analyse", help="Route held-out tokens through each finished run's final checkpoint.")
     study.add_argument("--sequences", type=int, default=64,
                        help="Held-out sequences of 256 tokens to route.")
+    study.add_argument("--rank-sequences", type=int, default=16,
+                       help="Training sequences of 256 tokens per rank of the scale model's "
+                            "64 expert-parallel ranks.")
+    scaled = commands.add_parser(
+        "scale", help="Write the analysed runs' rank statistics for benchmarks/scale_model.py.")
+    scaled.add_argument("--prefix", default="", choices=["", "upcycled_"],
+                        help="Runs from scratch (the default) or the upcycled ones.")
+    scaled.add_argument("--rank-sequences", type=int, default=16,
+                        help="Sequences of 256 tokens per rank that analyse routed.")
     commands.add_parser("report", help="Write report.md and report.json from the runs.")
     return parser
 
 
 def main(argv=None) -> None:
     options = build_parser().parse_args(argv)
-    {"corpus": corpus, "train": train, "analyse": analyse,
+    {"corpus": corpus, "train": train, "analyse": analyse, "scale": scale,
      "report": report}[options.command](options)
 
 
