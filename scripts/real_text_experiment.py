@@ -266,9 +266,9 @@ def rank_statistics(gpt, tokens_RST, topk: int) -> dict:
     }
 
 
-def routing_analysis(routing_maps: list, tokens, pieces) -> dict:
-    """Per layer: the distribution of real experts per token, the busiest expert and EP rank
-    over the mean, and the mean real experts per token kind."""
+def routing_analysis(routing_maps: list, tokens, pieces, topk: int) -> dict:
+    """Per layer: the real fraction, the distribution of real experts per token, the busiest
+    expert and EP rank over the mean, and the mean real experts per token kind."""
     import torch
 
     from megatron_null_moe.metrics import expert_parallel_rank_loads, load_max_over_mean
@@ -286,6 +286,7 @@ def routing_analysis(routing_maps: list, tokens, pieces) -> dict:
                 by_kind[kind] = {"tokens": int(chosen.sum()),
                                  "real_experts": round(float(real[chosen].double().mean()), 3)}
         layers.append({
+            "real_fraction": round(float(real.double().mean()) / topk, 4),
             "real_experts_distribution": [round(float(share), 4) for share in
                                           (distribution / distribution.sum())[:17]],
             "expert_load_max_over_mean": round(load_max_over_mean(per_expert), 3),
@@ -322,8 +323,9 @@ def analyse(options) -> None:
                         or run.name.startswith("dense")):
                     continue
                 gpt = load_checkpoint_model(run / "ckpt")
-                analysis = routing_analysis(route(gpt, tokens), tokens, pieces)
-                analysis["ranks"] = rank_statistics(gpt, ranks, CONFIGS[config_of(run)][0])
+                topk = CONFIGS[config_of(run)][0]
+                analysis = routing_analysis(route(gpt, tokens), tokens, pieces, topk)
+                analysis["ranks"] = rank_statistics(gpt, ranks, topk)
                 target.write_text(json.dumps(analysis, indent=1))
                 print(f"{run.name}: analysed {tokens.numel()} held-out tokens and "
                       f"{ranks.numel()} training tokens as {ranks.shape[0]} ranks", flush=True)
@@ -359,6 +361,9 @@ def run_summary(run: Path) -> dict:
         "train_loss_last_fifth": round(_mean_over_last(logged["lm loss"]), 4),
         "validation_loss": round(logged["lm loss validation"][final], 4),
         "real_experts_per_token": round(_mean_over_last(logged["null real experts/token"]), 4),
+        "real_fraction": round(_mean_over_last(logged["null real fraction"]), 4),
+        # Per layer: single logged steps of 2,048 tokens, noisy (the held-out routing of
+        # analysis.json has each layer's fraction over 16,384 tokens).
         "real_fraction_by_layer": per_layer("real_fraction"),
         "zero_real_fraction_by_layer": per_layer("zero_real_fraction"),
         "expert_load_max_over_mean_by_layer": per_layer("expert_load_max_over_mean"),
@@ -372,14 +377,12 @@ def report(options) -> None:
             runs[run.name] = run_summary(run)
     (options.output / "report.json").write_text(json.dumps(runs, indent=1))
     lines = ["| run | iterations | train loss (last fifth) | validation loss | real experts / "
-             "token | real fraction per layer | zero-real tokens per layer | busiest expert / "
-             "mean per layer |", "|---" * 8 + "|"]
+             "token (training, last fifth) | busiest expert / mean per layer (training, last "
+             "fifth of the log intervals) |", "|---" * 6 + "|"]
     for name, summary in runs.items():
         lines.append(
             f"| {name} | {summary['iterations']} | {summary['train_loss_last_fifth']} | "
             f"{summary['validation_loss']} | {summary['real_experts_per_token']} | "
-            f"{', '.join(map(str, summary['real_fraction_by_layer']))} | "
-            f"{', '.join(map(str, summary['zero_real_fraction_by_layer']))} | "
             f"{', '.join(map(str, summary['expert_load_max_over_mean_by_layer']))} |")
     lines += ["", analysis_table(options)]
     (options.output / "report.md").write_text("\n".join(lines) + "\n")
@@ -389,9 +392,10 @@ def report(options) -> None:
 def analysis_table(options) -> str:
     """The held-out routing of each analysed run: the busiest EP rank over the mean (worst
     layer) at each EP, and the mean real experts per token kind (mean over layers)."""
-    lines = ["| run | held-out tokens | busiest EP rank / mean, worst layer: "
+    lines = ["| run | held-out tokens | real fraction per layer | tokens with no real expert "
+             "per layer | busiest EP rank / mean, worst layer: "
              + ", ".join(f"EP {ep}" for ep in EP_SIZES) + " | real experts per token: "
-             + ", ".join(TOKEN_KINDS) + " |", "|---|---|---|---|"]
+             + ", ".join(TOKEN_KINDS) + " |", "|---" * 6 + "|"]
     for run in sorted((options.output / "runs").glob("*_seed*")):
         if not (run / "analysis.json").exists():
             continue
@@ -401,7 +405,10 @@ def analysis_table(options) -> str:
                  for ep in EP_SIZES]
         kinds = [sum(layer["real_experts_by_token_kind"][kind]["real_experts"]
                      for layer in layers) / len(layers) for kind in TOKEN_KINDS]
-        lines.append(f"| {run.name} | {analysis['tokens']} | "
+        fractions = ", ".join(f"{layer.get('real_fraction', float('nan')):.3f}"
+                              for layer in layers)
+        zero = ", ".join(f"{layer['real_experts_distribution'][0]:.3f}" for layer in layers)
+        lines.append(f"| {run.name} | {analysis['tokens']} | {fractions} | {zero} | "
                      f"{', '.join(f'{value:.2f}' for value in worst)} | "
                      f"{', '.join(f'{value:.2f}' for value in kinds)} |")
     return "\n".join(lines)
