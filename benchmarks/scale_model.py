@@ -138,11 +138,12 @@ def _model_inputs(batch):
     return batch.tokens, position_ids, causal
 
 
-def hold_budget(gpt, batches, target: float) -> None:
+def hold_budget(gpt, batches, target: float, model_inputs=None) -> None:
     """Set every layer's null selection bias so that its realised real fraction on
     ``batches`` is ``target``, as the budget controller holds it on average during training
     (the last step's bias carries that step's error). Layer by layer, since a layer's
-    inputs depend on the routing before it; calibrate_null_offset bisects the offset."""
+    inputs depend on the routing before it; calibrate_null_offset bisects the offset.
+    model_inputs: a batch to the model's forward arguments (default: the demo's batches)."""
     from megatron_null_moe.metrics import null_expert_routers
     from megatron_null_moe.upcycle.router_init import calibrate_null_offset
 
@@ -154,7 +155,7 @@ def hold_budget(gpt, batches, target: float) -> None:
             lambda _m, args, _out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
         with torch.no_grad():
             for batch in batches:
-                gpt(*_model_inputs(batch))
+                gpt(*(model_inputs or _model_inputs)(batch))
         hook.remove()
         offset = calibrate_null_offset(torch.cat(inputs), router.weight, router.null_weight,
                                        router.num_null_copies, router.topk, target)

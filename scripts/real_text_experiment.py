@@ -184,6 +184,20 @@ def token_kind(piece: str) -> str:
     return "punctuation"
 
 
+def training_samples(options, sequences: int, seed: int, length: int = 256):
+    """[sequences, length] token ids drawn at random places of the training documents (as
+    Megatron's shuffled samples are)."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(options.output / "corpus" / "stdlib_text_document"))
+    tokens = numpy.concatenate([dataset[index] for index in range(len(dataset))])
+    starts = numpy.random.default_rng(seed).integers(0, len(tokens) - length, sequences)
+    return torch.from_numpy(numpy.stack([tokens[start:start + length] for start in starts])
+                            .astype("int64"))
+
+
 def corpus_batches(options, sequences: int, split: str = "valid", length: int = 256):
     """[sequences, length] token ids: the held-out (or training) documents, concatenated
     in order and cut."""
@@ -219,6 +233,15 @@ def load_checkpoint_model(checkpoint_dir: Path):
     return gpt.eval()
 
 
+def model_inputs(tokens) -> tuple:
+    """GPTModel's forward arguments for [B, S] tokens: ids, positions, causal mask."""
+    import torch
+
+    batch, length = tokens.shape
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+    return tokens, torch.arange(length)[None].expand(batch, length), mask
+
+
 def route(gpt, tokens) -> list:
     """Per MoE layer, [tokens, N] bool: the real experts each token's routing chose (eval
     mode, the budget controller's bias included), tokens in [B, S] order."""
@@ -230,10 +253,8 @@ def route(gpt, tokens) -> list:
     hooks = [module.register_forward_hook(lambda module, inputs, output: maps.append(output[1]))
              for module in gpt.modules() if isinstance(module, NullExpertRouter)]
     batch, length = tokens.shape
-    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
-    positions = torch.arange(length)[None].expand(batch, length)
     with torch.no_grad():
-        gpt(tokens, positions, mask)
+        gpt(*model_inputs(tokens))
     for hook in hooks:
         hook.remove()
     # Megatron routes [S, B] flattened: back to [B, S] order, one row per token.
@@ -241,14 +262,19 @@ def route(gpt, tokens) -> list:
             for routing in maps]
 
 
-def rank_statistics(gpt, tokens_RST, topk: int) -> dict:
+def rank_statistics(gpt, tokens_RST, topk: int, rho: float, calibration) -> dict:
     """The scale model's statistics (benchmarks/scale_model.py) of routing R ranks' tokens
     [R, sequences, length]: per EP size the ranks' computed and exchanged rows per token,
-    averaged over the MoE layers; the busiest expert over the mean; the real fraction."""
+    averaged over the MoE layers; the busiest expert over the mean; the real fraction. With
+    rho < 1 each layer's null bias is first set to hold rho on the ``calibration`` batches,
+    as the controller holds it on average in training (the final step's bias carries that
+    step's error)."""
     import torch
 
     import scale_model
 
+    if rho < 1:
+        scale_model.hold_budget(gpt, calibration, rho, model_inputs=model_inputs)
     ranks = tokens_RST.shape[0]
     counts_LRN = torch.stack([torch.stack(route(gpt, rank_tokens)).sum(dim=1)
                               for rank_tokens in tokens_RST], dim=1).long()
@@ -311,9 +337,12 @@ def analyse(options) -> None:
         model_file=str(options.output / "corpus" / "stdlib.model"))
     pieces = [model.id_to_piece(index) for index in range(model.get_piece_size())]
     tokens = corpus_batches(options, options.sequences)
-    # The scale model's ranks: consecutive training sequences, --rank-sequences per rank.
-    ranks = corpus_batches(options, max(EP_SIZES) * options.rank_sequences, "train")
+    # The scale model's ranks: random training sequences, --rank-sequences per rank; the
+    # null bias held at rho on 16 ranks' worth of others.
+    ranks = training_samples(options, max(EP_SIZES) * options.rank_sequences, seed=1)
     ranks = ranks.view(max(EP_SIZES), options.rank_sequences, -1)
+    calibration = list(training_samples(options, 16 * options.rank_sequences, seed=2)
+                       .split(options.rank_sequences))
     with cpu_harness():
         init_cpu_parallel_state()
         try:
@@ -323,9 +352,9 @@ def analyse(options) -> None:
                         or run.name.startswith("dense")):
                     continue
                 gpt = load_checkpoint_model(run / "ckpt")
-                topk = CONFIGS[config_of(run)][0]
+                topk, rho, _ = CONFIGS[config_of(run)]
                 analysis = routing_analysis(route(gpt, tokens), tokens, pieces, topk)
-                analysis["ranks"] = rank_statistics(gpt, ranks, topk)
+                analysis["ranks"] = rank_statistics(gpt, ranks, topk, rho, calibration)
                 target.write_text(json.dumps(analysis, indent=1))
                 print(f"{run.name}: analysed {tokens.numel()} held-out tokens and "
                       f"{ranks.numel()} training tokens as {ranks.shape[0]} ranks", flush=True)
