@@ -404,7 +404,12 @@ def report(options) -> None:
     for run in sorted((options.output / "runs").glob("*_seed*")):
         if (run / "done.json").exists() and not run.name.startswith("dense"):
             runs[run.name] = run_summary(run)
-    (options.output / "report.json").write_text(json.dumps(runs, indent=1))
+            if (run / "analysis.json").exists():
+                runs[run.name]["held_out_routing"] = json.loads(
+                    (run / "analysis.json").read_text())
+    corpus_info = json.loads((options.output / "corpus" / "corpus.json").read_text())
+    (options.output / "report.json").write_text(json.dumps(
+        {"corpus": corpus_info, "runs": runs}, indent=1) + "\n")
     lines = ["| run | iterations | train loss (last fifth) | validation loss | real experts / "
              "token (training, last fifth) | busiest expert / mean per layer (training, last "
              "fifth of the log intervals) |", "|---" * 6 + "|"]
