@@ -5,7 +5,8 @@ Pass ``add_null_expert_args`` as ``extra_args_provider`` to Megatron's
 own checks (a refusal is one ``prog: error:`` line, before Megatron validates and prints its
 arguments) and, with null experts on, makes alltoall the default dispatcher. Later
 ``null_expert_config_from_args(args)`` returns the ``NullExpertConfig`` (None when null
-experts are off) and ``warn_where_the_flags_lose(args)`` says what the launch gives away.
+experts are off) and ``warn_where_the_flags_lose(args, config)`` says what the launch gives
+away.
 """
 
 import argparse
@@ -33,7 +34,6 @@ EXPERT_PATH_FLAG = "--moe-null-expert-path"
 EXPERT_PATH_CHOICES = ("megatron", "lean")  # megatron_null_moe.spec.EXPERT_PATHS
 # Balance-loss scope -> Megatron's --moe-router-load-balancing-type.
 BALANCE_SCOPES = {"micro-batch": "aux_loss", "sequence": "seq_aux_loss", "global": "global_aux_loss"}
-DISPATCHER_FLAG = "--moe-token-dispatcher-type"
 # Null slots cross no all-to-all; Megatron's default (allgather) gathers every token anyway.
 NULL_EXPERT_DISPATCHER = "alltoall"
 # Set on the parsed arguments when the plugin chose the dispatcher (the start-up line says so).
@@ -110,17 +110,19 @@ def add_null_expert_args(parser: argparse.ArgumentParser,
              "real-rows on the CPU, worst-case on a GPU. With expert parallelism the count "
              "is on the host anyway (the all-to-all's split sizes): real rows always.",
     )
-    _default_dispatcher_to_alltoall(parser)
-    _check_after_parsing(parser, refuse)
+    megatron_default = _default_dispatcher_to_alltoall(parser)
+    _check_after_parsing(parser, refuse, megatron_default)
     return parser
 
 
-def _default_dispatcher_to_alltoall(parser: argparse.ArgumentParser) -> None:
-    # No default on the parser tells a dispatcher left at Megatron's default from a given one.
+def _default_dispatcher_to_alltoall(parser: argparse.ArgumentParser) -> str:
+    """Megatron's default dispatcher, taken off the parser: with no default there, a
+    dispatcher left at the default is told from a given one (resolve_token_dispatcher)."""
     action = next(a for a in parser._actions if a.dest == "moe_token_dispatcher_type")
-    action.megatron_default, action.default = action.default, None
+    megatron_default, action.default = action.default, None
     action.help = (f"{action.help.rstrip()} With {RHO_FLAG} the default is "
                    f"{NULL_EXPERT_DISPATCHER}: only real assignments cross the all-to-all.")
+    return megatron_default
 
 
 def resolve_token_dispatcher(args: argparse.Namespace, megatron_default: str) -> None:
@@ -133,13 +135,12 @@ def resolve_token_dispatcher(args: argparse.Namespace, megatron_default: str) ->
 
 
 def _check_after_parsing(parser: argparse.ArgumentParser,
-                         refuse: Optional[Callable[[argparse.Namespace], None]]) -> None:
+                         refuse: Optional[Callable[[argparse.Namespace], None]],
+                         megatron_default: str) -> None:
     # Megatron validates, then prints ~800 lines of arguments, before any model exists; the
     # plugin's flags are checked where argparse checks its own, so a refusal comes first. The
     # parser is Megatron's, so its parse_known_args (which parse_args calls) is wrapped.
     parse_known_args = parser.parse_known_args
-    megatron_default = next(a for a in parser._actions
-                            if a.dest == "moe_token_dispatcher_type").megatron_default
 
     def parse_known_and_check(args=None, namespace=None):
         parsed, unknown = parse_known_args(args, namespace)
