@@ -184,34 +184,32 @@ def token_kind(piece: str) -> str:
     return "punctuation"
 
 
+def corpus_tokens(options, prefix: str):
+    """The documents of one of the corpus's datasets, concatenated in order (numpy)."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(options.output / "corpus" / prefix))
+    return numpy.concatenate([dataset[index] for index in range(len(dataset))])
+
+
 def training_samples(options, sequences: int, seed: int, length: int = 256):
     """[sequences, length] token ids drawn at random places of the training documents (as
     Megatron's shuffled samples are)."""
     import numpy
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(str(options.output / "corpus" / "stdlib_text_document"))
-    tokens = numpy.concatenate([dataset[index] for index in range(len(dataset))])
+    tokens = corpus_tokens(options, "stdlib_text_document")
     starts = numpy.random.default_rng(seed).integers(0, len(tokens) - length, sequences)
     return torch.from_numpy(numpy.stack([tokens[start:start + length] for start in starts])
                             .astype("int64"))
 
 
-def corpus_batches(options, sequences: int, split: str = "valid", length: int = 256):
-    """[sequences, length] token ids: the held-out (or training) documents, concatenated
-    in order and cut."""
-    import numpy
+def held_out_batches(options, sequences: int, length: int = 256):
+    """[sequences, length] token ids: the held-out documents, concatenated and cut."""
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    prefix = "stdlib_valid_text_document" if split == "valid" else "stdlib_text_document"
-    dataset = IndexedDataset(str(options.output / "corpus" / prefix))
-    needed, pieces, index = sequences * length, [], 0
-    while sum(map(len, pieces)) < needed and index < len(dataset):
-        pieces.append(dataset[index])
-        index += 1
-    tokens = numpy.concatenate(pieces)
+    tokens = corpus_tokens(options, "stdlib_valid_text_document")
     usable = min(sequences, len(tokens) // length) * length
     return torch.from_numpy(tokens[:usable].astype("int64")).view(-1, length)
 
@@ -336,7 +334,7 @@ def analyse(options) -> None:
     model = sentencepiece.SentencePieceProcessor(
         model_file=str(options.output / "corpus" / "stdlib.model"))
     pieces = [model.id_to_piece(index) for index in range(model.get_piece_size())]
-    tokens = corpus_batches(options, options.sequences)
+    tokens = held_out_batches(options, options.sequences)
     # The scale model's ranks: random training sequences, --rank-sequences per rank; the
     # null bias held at rho on 16 ranks' worth of others.
     ranks = training_samples(options, max(EP_SIZES) * options.rank_sequences, seed=1)
