@@ -115,6 +115,10 @@ def add_null_expert_args(parser: argparse.ArgumentParser,
     return parser
 
 
+# The args attribute that keeps the per-expert bias's rate once the plugin took the flag over.
+EXPERT_BIAS_RATE_ATTRIBUTE = "moe_null_expert_bias_rate"
+
+
 def _default_dispatcher_to_alltoall(parser: argparse.ArgumentParser) -> str:
     """Megatron's default dispatcher, taken off the parser: with no default there, a
     dispatcher left at the default is told from a given one (resolve_token_dispatcher)."""
@@ -209,12 +213,35 @@ def null_expert_config_from_args(args: argparse.Namespace) -> Optional[NullExper
     null_config = NullExpertConfig(
         real_fraction=rho, num_null_copies=copies,
         budget_control_rate=(rate if rate is not None else DEFAULT_RATE) if controller else None,
-        lean_buffer=lean_buffer,
+        lean_buffer=lean_buffer, expert_bias_rate=expert_bias_rate_from_args(args),
     )
     null_config.null_copies_for(args.num_experts)  # fractional or contradicting M fails here
     if scope is not None:
         _apply_balance_scope(args, scope)
     return null_config
+
+
+def expert_bias_rate_from_args(args: argparse.Namespace) -> Optional[float]:
+    """The per-expert bias's rate that Megatron's flags ask for, or None (see
+    take_over_expert_bias)."""
+    rate = getattr(args, EXPERT_BIAS_RATE_ATTRIBUTE, None)
+    if rate is None and getattr(args, "moe_router_enable_expert_bias", False):
+        rate = args.moe_router_bias_update_rate
+    return rate
+
+
+def take_over_expert_bias(args: argparse.Namespace) -> None:
+    """With null experts the plugin, not Megatron, runs --moe-router-enable-expert-bias.
+
+    Megatron's config accepts it only with sigmoid scores, and its finalize_model_grads
+    would update the bias from counts after capacity drops without re-centring
+    (expert_bias.py says why null experts need it): the flag leaves Megatron's args, and its
+    rate stays on them under a name of the plugin's own, so a checkpoint's args still say
+    that the routers carry the bias."""
+    rate = expert_bias_rate_from_args(args)
+    if rate is not None:
+        setattr(args, EXPERT_BIAS_RATE_ATTRIBUTE, rate)
+        args.moe_router_enable_expert_bias = False
 
 
 def warn_where_the_flags_lose(args: argparse.Namespace,

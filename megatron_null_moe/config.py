@@ -15,10 +15,14 @@ RHO_FLAG = "--moe-null-expert-rho"
 NUM_NULL_FLAG = "--moe-num-null-experts"
 BUDGET_RATE_FLAG = "--moe-null-budget-rate"
 LEAN_BUFFER_FLAG = "--moe-null-lean-buffer"
+EXPERT_BIAS_FLAG = "--moe-router-enable-expert-bias"
+EXPERT_BIAS_RATE_FLAG = "--moe-router-bias-update-rate"
 # How many rows the lean path's buffers hold (lean/dispatcher.py): "auto" picks "real-rows"
 # where the real count is on the host anyway (CPU tensors; expert parallelism, whose
 # all-to-all reads it) and "worst-case" (T*K rows, no host read) on a GPU at EP = 1.
 LEAN_BUFFERS = ("auto", "real-rows", "worst-case")
+# Router score functions the pool routing defines (pool_routing.selection_keys).
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,16 @@ class NullExpertConfig:
         "real-rows" reads the real count on the host (one sync per layer on a GPU),
         "worst-case" carries T*K rows and never waits for the host at EP = 1, "auto" picks
         real-rows on the CPU and with expert parallelism, worst-case on a GPU at EP = 1.
+    expert_bias_rate: the per-expert selection bias's update rate (expert_bias.py), or None
+        for none (Megatron's own moe_router_enable_expert_bias in the TransformerConfig
+        turns it on too, at Megatron's rate).
     """
 
     real_fraction: float = 1.0
     num_null_copies: Optional[int] = None
     budget_control_rate: Optional[float] = None
     lean_buffer: str = "auto"
+    expert_bias_rate: Optional[float] = None
 
     def __post_init__(self):
         rho = self.real_fraction
@@ -56,13 +64,14 @@ class NullExpertConfig:
                 f"num_null_copies ({NUM_NULL_FLAG}) must be a whole number >= 0 or unset; "
                 f"got {m!r}."
             )
-        rate = self.budget_control_rate
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                                 or not 0.0 < rate < math.inf):
-            raise ValueError(
-                f"budget_control_rate ({BUDGET_RATE_FLAG}) must be a positive finite number "
-                f"or unset; got {rate!r}."
-            )
+        for name, flag in (("budget_control_rate", BUDGET_RATE_FLAG),
+                           ("expert_bias_rate", EXPERT_BIAS_RATE_FLAG)):
+            rate = getattr(self, name)
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                     or not 0.0 < rate < math.inf):
+                raise ValueError(
+                    f"{name} ({flag}) must be a positive finite number or unset; got {rate!r}."
+                )
         if self.lean_buffer not in LEAN_BUFFERS:
             raise ValueError(
                 f"lean_buffer ({LEAN_BUFFER_FLAG}) must be one of {', '.join(LEAN_BUFFERS)}; "
@@ -127,22 +136,14 @@ def validate_for_transformer_config(null_config: NullExpertConfig, config: Trans
             f"moe_router_topk (--moe-router-topk)={topk} exceeds the routing pool of "
             f"N+M = {num_experts}+{copies} = {num_experts + copies} slots; allowed: 1..{num_experts + copies}."
         )
-    if config.moe_router_score_function != "softmax":
+    if config.moe_router_score_function not in SCORE_FUNCTIONS:
         _refuse("moe_router_score_function", "--moe-router-score-function",
-                config.moe_router_score_function, "'softmax'",
-                "Null slots compete inside one softmax over the N+M pool.")
+                config.moe_router_score_function, ", ".join(map(repr, SCORE_FUNCTIONS)),
+                "Null slots compete with real experts on these scores over the N+M pool.")
     if config.moe_router_pre_softmax:
         _refuse("moe_router_pre_softmax", "--moe-router-pre-softmax", True, "False",
                 "Weights are renormalised over the selected real experts (paper step 4).")
-    if config.moe_router_num_groups is not None or config.moe_router_group_topk is not None:
-        _refuse("moe_router_num_groups/moe_router_group_topk",
-                "--moe-router-num-groups/--moe-router-group-topk",
-                (config.moe_router_num_groups, config.moe_router_group_topk), "None",
-                "Null copies belong to no device group.")
-    if config.moe_router_enable_expert_bias:
-        _refuse("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias", True, "False",
-                "Aux-loss-free bias balances real experts only and would fight the null target; "
-                "use the balance loss over the N+M pool.")
+    _validate_groups(config, num_experts, topk)
     if config.moe_router_fusion:
         _refuse("moe_router_fusion", "--moe-router-fusion", True, "False",
                 "Transformer Engine's fused router kernels know only the N real experts.")
@@ -177,6 +178,27 @@ def validated_settings(config: TransformerConfig) -> tuple:
     """The values of VALIDATED_SETTINGS, lists as tuples (a copy, safe from in-place edits)."""
     values = (getattr(config, name) for name in VALIDATED_SETTINGS)
     return tuple(tuple(v) if isinstance(v, list) else v for v in values)
+
+
+def _validate_groups(config: TransformerConfig, num_experts: int, topk: int) -> None:
+    """Node-limited routing: groups of real experts (null copies belong to none)."""
+    groups, chosen = config.moe_router_num_groups, config.moe_router_group_topk
+    if groups is None and chosen is None:
+        return
+    flags = "--moe-router-num-groups/--moe-router-group-topk"
+    if not groups or not chosen:
+        _refuse("moe_router_num_groups/moe_router_group_topk", flags, (groups, chosen),
+                "both set or both unset", "A token's real experts come from its group_topk "
+                "best of num_groups groups.")
+    if num_experts % groups or not 0 < chosen <= groups:
+        _refuse("moe_router_num_groups/moe_router_group_topk", flags, (groups, chosen),
+                f"num_groups dividing --num-experts={num_experts}, 1 <= group_topk <= "
+                "num_groups", "Groups are equal blocks of consecutive real experts.")
+    if topk % chosen or topk // chosen > num_experts // groups:
+        _refuse("moe_router_group_topk", "--moe-router-group-topk", chosen,
+                f"a divisor of --moe-router-topk={topk} with topk/group_topk <= "
+                f"{num_experts // groups} experts per group",
+                "Each group is scored by the sum of its topk/group_topk best real experts.")
 
 
 _SUPPORTED_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")

@@ -25,17 +25,19 @@ from megatron_null_moe.metrics import RoutingStatistics
 from megatron_null_moe.routing import (
     grouped_pool_logits,
     grouped_pool_probs,
+    grouped_pool_sigmoid_probs,
     grouped_slot_counts,
     pool_load_balancing_loss,
     route_with_null_experts,
     select_pool_slots,
+    selection_keys,
 )
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # Budget-controller state (budget.py) and the logit-spread counter: kept in fp32 whatever
 # the model's dtype.
 _BUDGET_BUFFERS = ("null_selection_bias", "null_bias_integral")
-_FP32_BUFFERS = (*_BUDGET_BUFFERS, "real_logit_spread_sum")
+_FP32_BUFFERS = (*_BUDGET_BUFFERS, "real_logit_spread_sum", "expert_bias")
 
 
 class NullExpertRouter(TopKRouter):
@@ -46,7 +48,8 @@ class NullExpertRouter(TopKRouter):
     checkpoint's router loads unchanged. With M = 0 (rho = 1) there is no null row and the
     router computes exactly what TopKRouter computes. With M > 0 the buffers
     ``null_selection_bias`` and ``null_bias_integral`` hold the budget controller's state
-    (0 and unchanged unless the controller runs).
+    (0 and unchanged unless the controller runs). With a per-expert bias (expert_bias.py)
+    Megatron's ``expert_bias`` buffer holds it, N entries.
     """
 
     def __init__(self, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False,
@@ -57,6 +60,7 @@ class NullExpertRouter(TopKRouter):
         self._validated_settings = validated_settings(config)
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.pool_size = self.num_experts + self.num_null_copies
+        self._register_expert_bias()
         self.null_weight = self.null_bias = None
         if self.num_null_copies > 0:
             self.null_weight = torch.nn.Parameter(torch.empty(1, config.hidden_size))
@@ -91,6 +95,29 @@ class NullExpertRouter(TopKRouter):
         self.register_buffer("real_logit_spread_sum", torch.zeros(1, dtype=torch.float32),
                              persistent=False)
         self.token_types: Optional[torch.Tensor] = None
+
+    @property
+    def expert_bias_rate(self) -> Optional[float]:
+        """The per-expert selection bias's update rate, or None when it is off: the plugin's
+        (null_config.expert_bias_rate) or, set in Megatron's config, Megatron's."""
+        if self.null_config.expert_bias_rate is not None:
+            return self.null_config.expert_bias_rate
+        if self.config.moe_router_enable_expert_bias:
+            return self.config.moe_router_bias_update_rate
+        return None
+
+    def _register_expert_bias(self):
+        """Megatron's ``expert_bias`` buffer (fp32, N entries, saved in checkpoints), updated
+        by the plugin once per global batch (expert_bias.py), never by Megatron."""
+        if self.expert_bias_rate is None:
+            return
+        if self.expert_bias is None:  # TopKRouter registers it only for Megatron's own flag
+            del self.expert_bias
+            self.register_buffer("expert_bias", torch.zeros(
+                self.num_experts, dtype=torch.float32, device=self.weight.device))
+        # Megatron's finalize_model_grads would update it from counts after capacity drops,
+        # with an all-reduce of its own and no re-centring: it skips frozen biases.
+        self.frozen_expert_bias = True
 
     def _grouped_columns(self) -> int:
         return self.num_experts + (1 if self.num_null_copies > 0 else 0)
@@ -133,6 +160,9 @@ class NullExpertRouter(TopKRouter):
                         real.float().mean(dim=0, keepdim=True).to(real.dtype))
             for name in _BUDGET_BUFFERS:
                 state_dict.setdefault(prefix + name, torch.zeros_like(self._buffers[name]))
+        if self.expert_bias is not None and prefix + "weight" in state_dict:
+            # A checkpoint trained without the per-expert bias starts it at 0.
+            state_dict.setdefault(prefix + "expert_bias", torch.zeros_like(self.expert_bias))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.num_null_copies > 0:
             self.null_bias_in_use = bool(self.null_selection_bias.abs().sum() > 0)
@@ -157,6 +187,11 @@ class NullExpertRouter(TopKRouter):
             # Options switched on in the config after the router was built get the refusal
             # they would have got at construction; host-side only, no device work.
             self.num_null_copies = validate_for_transformer_config(self.null_config, self.config)
+            if self.expert_bias_rate is not None and self.expert_bias is None:
+                raise ValueError(
+                    "moe_router_enable_expert_bias (--moe-router-enable-expert-bias) was "
+                    "switched on after the router was built, which has no expert_bias buffer; "
+                    "allowed: set it before the model is built.")
             self._validated_settings = validated_settings(self.config)
         return super().forward(input, padding_mask=padding_mask)
 
@@ -201,6 +236,9 @@ class NullExpertRouter(TopKRouter):
             grouped[:, : self.num_experts], null_logit, self.num_null_copies, self.topk,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             null_selection_bias=getattr(self, "null_selection_bias", None),
+            score_function=self.score_function, expert_bias=self.expert_bias,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
         )
         probs = probs.to(logits.dtype)
         chosen_map = routing_map
@@ -213,24 +251,32 @@ class NullExpertRouter(TopKRouter):
                 drop_policy=self.config.moe_token_drop_policy,
             )
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            if self.null_bias_in_use:
-                # The selection bias moves the choice only: the balance loss counts the slots
-                # the router's own logits choose, as in the paper, so loss and controller
-                # do not pull against each other.
+            if self.null_bias_in_use or self.expert_bias is not None \
+                    or self.config.moe_router_group_topk:
+                # The selection biases and the group limit move the choice only: the balance
+                # loss counts the slots the router's own scores choose over the whole pool, as
+                # in the paper and as upstream counts for its loss, so loss and biases do not
+                # pull against each other.
                 _, slot_experts = select_pool_slots(
-                    grouped[:, : self.num_experts], null_logit, self.num_null_copies, self.topk)
+                    *selection_keys(grouped[:, : self.num_experts], null_logit,
+                                    self.score_function),
+                    self.num_null_copies, self.topk)
             probs = self._apply_pool_balance_losses(
-                probs, grouped, slot_experts, seq_length, bsz, padding_mask
+                probs, grouped, null_logit, slot_experts, seq_length, bsz, padding_mask
             )
         if self.training and torch.is_grad_enabled():
             self._record_statistics(chosen_map, routing_map, grouped[:, : self.num_experts],
                                     padding_mask)
         return probs, routing_map
 
-    def _apply_pool_balance_losses(self, probs, grouped_logits, slot_experts, seq_length, bsz,
-                                   padding_mask):
+    def _apply_pool_balance_losses(self, probs, grouped_logits, null_logit, slot_experts,
+                                   seq_length, bsz, padding_mask):
         """Attach the balance losses over the N + M pool at each configured scope."""
-        pool_probs = grouped_pool_probs(grouped_logits, self.num_null_copies)
+        if self.score_function == "sigmoid":
+            pool_probs = grouped_pool_sigmoid_probs(
+                grouped_logits[:, : self.num_experts], null_logit, self.num_null_copies)
+        else:
+            pool_probs = grouped_pool_probs(grouped_logits, self.num_null_copies)
         slot_counts = grouped_slot_counts(slot_experts, self.num_experts, self.num_null_copies)
         with_padding = padding_mask is not None
         if with_padding:

@@ -21,6 +21,7 @@ from megatron_null_moe.pool_routing import (  # noqa: F401 (re-exported)
     route_with_null_experts,
     select_pool_slots,
     selection_dtype,
+    selection_keys,
 )
 
 
@@ -44,6 +45,20 @@ def grouped_pool_probs(pool_logits_TG: torch.Tensor, num_null_copies: int) -> to
     if num_null_copies == 0:
         return probs_TG
     return torch.cat([probs_TG[:, :-1], probs_TG[:, -1:] / num_null_copies], dim=-1)
+
+
+def grouped_pool_sigmoid_probs(real_logits_TN: torch.Tensor,
+                                null_logit_T: Optional[torch.Tensor],
+                                num_null_copies: int) -> torch.Tensor:
+    """[T, G] fp32 pool probabilities for sigmoid scores, as upstream normalises them for its
+    balance loss but over the N + M pool: s_i / (sum of real s + M s_null), s = sigmoid(z),
+    and in the last column (when M > 0) ONE null copy's s_null over the same sum."""
+    scores_TG = torch.sigmoid(real_logits_TN.float())
+    if num_null_copies > 0:
+        null_T1 = torch.sigmoid(null_logit_T.float()).unsqueeze(-1)
+        total_T1 = scores_TG.sum(dim=-1, keepdim=True) + num_null_copies * null_T1
+        return torch.cat([scores_TG, null_T1], dim=-1) / (total_T1 + 1e-20)
+    return scores_TG / (scores_TG.sum(dim=-1, keepdim=True) + 1e-20)
 
 
 def grouped_slot_counts(slot_experts_TK: torch.Tensor, num_experts: int,

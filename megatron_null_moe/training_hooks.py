@@ -38,6 +38,7 @@ import torch
 
 from megatron_null_moe.arguments import DISPATCHER_CHOSEN, expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
+from megatron_null_moe.expert_bias import update_expert_biases
 from megatron_null_moe.cli import environment_line
 from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.metrics import RoutingStatistics, expert_load_figures, null_expert_routers
@@ -81,6 +82,7 @@ class NullExpertMonitor:
         they mean, and return the NullExpertConfig (None when null experts are off)."""
         from megatron_null_moe.arguments import (
             null_expert_config_from_args,
+            take_over_expert_bias,
             warn_where_the_flags_lose,
         )
 
@@ -89,6 +91,8 @@ class NullExpertMonitor:
                           "using gloo")
             args.distributed_backend = "gloo"
         self.null_config = null_expert_config_from_args(args)
+        if self.null_config is not None:
+            take_over_expert_bias(args)
         warn_where_the_flags_lose(args, self.null_config)
         if args.num_experts:
             rho = self.null_config.pool_real_fraction(args.num_experts) if self.null_config \
@@ -119,7 +123,8 @@ class NullExpertMonitor:
         return list(self._routers.values())
 
     def end_of_step(self, args) -> None:
-        """Sum this step's counts over all ranks; step the budget controllers.
+        """Sum this step's counts over all ranks; step the budget controllers and the
+        per-expert biases.
 
         Every rank runs it at the same point of the loop, so the collectives match.
         """
@@ -133,9 +138,12 @@ class NullExpertMonitor:
                                           num_experts=args.num_experts)
         self.counters = counters[:, :topk + 5]
         self._iteration = args.curr_iteration
-        self._add_step_assignments(args, counters[:, topk + 5:])
+        assignments = counters[:, topk + 5:]
+        self._add_step_assignments(args, assignments)
         if self.controlled:
             update_null_budgets(self.routers, self.layer_statistics(args))
+        update_expert_biases(self.routers, {index + 1: row for index, row in
+                                            enumerate(assignments)})
         if args.expert_model_parallel_size > 1 and args.moe_token_dispatcher_type == "alltoall":
             self._add_step_traffic(args, num_layers)
 
@@ -211,6 +219,8 @@ def start_up_summary(null_config: NullExpertConfig, args) -> str:
     rho = null_config.pool_real_fraction(num_experts)
     holder = (f"budget controller on (rate {null_config.budget_control_rate:g})"
               if null_config.budget_control_rate is not None else "budget controller off")
+    if null_config.expert_bias_rate is not None:
+        holder += f"; per-expert bias on (rate {null_config.expert_bias_rate:g})"
     path = expert_path_of(args)
     buffers = f"lean buffers {null_config.lean_buffer}; " if path == "lean" else ""
     dispatcher = f"dispatcher {args.moe_token_dispatcher_type}"

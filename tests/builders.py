@@ -42,13 +42,14 @@ def moe_layer_partial(null_config=None, expert_path="megatron"):
 
 
 def build_moe_layer(config: TransformerConfig, real_fraction=None, seed=0, layer_number=1,
-                    budget_control_rate=None, expert_path="megatron", lean_buffer="auto"):
+                    budget_control_rate=None, expert_path="megatron", lean_buffer="auto",
+                    expert_bias_rate=None):
     """Upstream MoELayer when real_fraction is None, else the null-expert layer on the given
     expert path ("megatron": SequentialMLP experts, "lean", with lean_buffer)."""
     torch.manual_seed(seed)
     null_config = None if real_fraction is None else NullExpertConfig(
         real_fraction=real_fraction, budget_control_rate=budget_control_rate,
-        lean_buffer=lean_buffer)
+        lean_buffer=lean_buffer, expert_bias_rate=expert_bias_rate)
     layer = moe_layer_partial(null_config, expert_path)(config=config)
     layer.set_layer_number(layer_number)
     return layer

@@ -1,6 +1,6 @@
 """Every refused configuration raises a ValueError naming the setting, flag and allowed values."""
 
-import dataclasses
+import re
 
 import pytest
 import torch
@@ -85,13 +85,8 @@ def test_topk_larger_than_pool_refused():
 
 
 REFUSED = [
-    (dict(moe_router_score_function="sigmoid"), "--moe-router-score-function"),
+    (dict(moe_router_score_function="sqrtsoftplus"), "--moe-router-score-function"),
     (dict(moe_router_pre_softmax=True), "--moe-router-pre-softmax"),
-    (dict(moe_router_num_groups=2, moe_router_group_topk=1, expert_model_parallel_size=2),
-     "--moe-router-num-groups"),
-    (dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
-          moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
-     "--moe-router-score-function|--moe-router-enable-expert-bias"),
     (dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
      "--moe-router-load-balancing-type"),
     (dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
@@ -112,11 +107,32 @@ def test_unsupported_megatron_options_refused(overrides, flag):
     assert "allowed" in str(raised.value)
 
 
-def test_expert_bias_refused_with_softmax():
-    config = dataclasses.replace(moe_config(), moe_router_enable_expert_bias=False)
-    object.__setattr__(config, "moe_router_enable_expert_bias", True)
-    with pytest.raises(ValueError, match="--moe-router-enable-expert-bias.*allowed: False"):
+def test_sigmoid_scores_groups_and_expert_bias_accepted():
+    config = moe_config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                        moe_router_num_groups=4, moe_router_group_topk=2)
+    assert validate_for_transformer_config(NullExpertConfig(real_fraction=0.5), config) == 8
+    assert NullExpertConfig(0.5, expert_bias_rate=1e-3).expert_bias_rate == 1e-3
+
+
+@pytest.mark.parametrize("groups,chosen,allowed", [
+    (3, 1, "num_groups dividing --num-experts=8"),
+    (4, 5, "1 <= group_topk <= num_groups"),
+    (4, 3, "a divisor of --moe-router-topk=4"),
+    (8, 1, "topk/group_topk <= 1 experts per group"),
+])
+def test_bad_groups_refused(groups, chosen, allowed):
+    config = moe_config()
+    object.__setattr__(config, "moe_router_num_groups", groups)
+    object.__setattr__(config, "moe_router_group_topk", chosen)
+    with pytest.raises(ValueError, match=f"--moe-router-(num-groups|group-topk).*allowed: "
+                                         f".*{re.escape(allowed)}"):
         validate_for_transformer_config(NullExpertConfig(real_fraction=0.5), config)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1e-3, float("inf"), True])
+def test_bad_expert_bias_rate_refused(rate):
+    with pytest.raises(ValueError, match="--moe-router-bias-update-rate"):
+        NullExpertConfig(0.5, expert_bias_rate=rate)
 
 
 def test_no_experts_refused():

@@ -275,7 +275,7 @@ def test_router_selects_the_pool_top_k_of_its_own_logits(parallel_state, router_
 
 @pytest.mark.parametrize("option,value", [
     ("moe_pad_expert_input_to_capacity", True), ("moe_router_pre_softmax", True),
-    ("moe_router_score_function", "sigmoid"), ("moe_router_enable_expert_bias", True),
+    ("moe_router_score_function", "sqrtsoftplus"), ("moe_router_enable_expert_bias", True),
 ])
 def test_options_switched_on_after_construction_are_refused_at_the_next_forward(
         parallel_state, option, value):

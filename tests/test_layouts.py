@@ -1,9 +1,10 @@
 """Every parallel layout trains what one process trains, and checkpoints move between layouts.
 
-The entry point on Megatron's loop with the budget controller, on both expert paths, 8 gloo
-ranks on the CPU. From one initial checkpoint saved by one process (weights and controller
-state), each layout trains iterations 2-5 and must equal one process: the loss within 2e-5
-relative (fp32), each layer's real fraction and controller bias within 1e-6. Checkpoints of
+The entry point on Megatron's loop with the budget controller and the per-expert bias, on
+both expert paths, 8 gloo ranks on the CPU. From one initial checkpoint saved by one process
+(weights, controller state and per-expert bias), each layout trains iterations 2-5 and must
+equal one process: the loss within 2e-5 relative (fp32), each layer's real fraction and
+controller bias within 1e-6. Checkpoints of
 iteration 3 saved in one layout resume in another and continue the one-process trajectory:
 weights and controller state always, the optimizer state where Megatron can move it; where
 it cannot, the plugin refuses naming --no-load-optim.
@@ -41,7 +42,8 @@ def _with_flags(arguments: list, values: dict) -> list:
     return arguments
 
 
-# The reporter's model (4 layers, 8 experts, top-4, rho 0.5, controller) at a small width.
+# A model of 4 layers, 8 experts, top-4, rho 0.5, the controller and the per-expert bias, at
+# a small width.
 # Balance per micro-batch: Megatron's global-batch loss averages the expert counts over the
 # micro-batches a rank has seen so far in the step, so it changes with the split of the batch
 # into DP ranks and micro-batches (measured: 5e-4 apart at the first step between EP4 on 8
@@ -54,7 +56,8 @@ MODEL = _with_flags(TINY_GPT, {
     "--moe-router-topk": "4", "--moe-null-balance-scope": "micro-batch",
 }) + ["--ffn-hidden-size", "64", "--make-vocab-size-divisible-by", "64",
       "--hidden-dropout", "0", "--attention-dropout", "0", "--no-bias-dropout-fusion",
-      "--moe-null-budget-controller",
+      "--moe-null-budget-controller", "--moe-router-enable-expert-bias",
+      "--moe-router-bias-update-rate", "1e-2",
       "--distributed-backend", "gloo", "--train-iters", "5"]
 
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
@@ -243,6 +246,7 @@ def test_checkpoint_resumes_in_another_layout(runs, path, pair):
     loaded = _checkpoint_tensors(resumed / "ckpt", 5)
     compared = [key for key in saved if "mlp.router." in key]
     assert {"decoder.layers.mlp.router.null_bias_integral",
+            "decoder.layers.mlp.router.expert_bias",
             "optimizer.state.exp_avg.decoder.layers.mlp.router.null_weight"} <= set(compared)
     # Relative to each tensor's largest entry: measured at most 1.5e-6 (fp32, other orders of
     # summation, 4 Adam steps); Adam moments that restarted at iteration 4 are O(1) apart.

@@ -116,6 +116,20 @@ def test_single_process_trains_saves_and_resumes_exactly(tmp_path):
     _assert_load_figures(tensorboard)
 
 
+def test_sigmoid_scores_expert_bias_and_groups_train_save_and_resume_exactly(tmp_path):
+    """Sigmoid scores, Megatron's per-expert bias flag and two groups of experts (each token's
+    real experts from one), with null experts and the controller: the flags are accepted,
+    the bias moves in Megatron's own buffer, is saved, and the resumed run continues."""
+    flags = ("--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+             "--moe-router-bias-update-rate", "1e-2", "--moe-router-num-groups", "2",
+             "--moe-router-group-topk", "1")
+    _resume_equals_uninterrupted(tmp_path, 1, *flags)
+    assert "per-expert bias on (rate 0.01)" in (tmp_path / "straight" / "output.txt").read_text()
+    bias = _checkpoint_tensors(tmp_path / "checkpoint", 6)["decoder.layers.mlp.router.expert_bias"]
+    assert bias.shape == (2, 4) and bias.abs().sum() > 0
+    assert bias.mean(dim=-1).abs().max() < 1e-6  # re-centred: the null bias sets the budget
+
+
 @pytest.mark.world_size(2)
 def test_expert_parallel_two_ranks_trains_saves_and_resumes_exactly(tmp_path):
     tensorboard = _resume_equals_uninterrupted(tmp_path, 2, "--expert-model-parallel-size", "2",
