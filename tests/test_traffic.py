@@ -8,7 +8,7 @@ import torch
 
 from megatron_null_moe.cpu_ranks import run_on_ranks
 from megatron_null_moe.traffic import AllToAllTraffic, alltoall_bytes
-from traffic_workers import layer_traffic
+from traffic_workers import group_limited_traffic, layer_traffic
 
 PROBS_BYTES = 4  # routing weights cross the dispatch all-to-all in fp32
 
@@ -76,6 +76,62 @@ def test_counts_equal_the_real_assignments_crossing_ranks_under_ep4():
         assert all(r["collected"] == collected for r in case)
         assert collected == [max(column) for column in zip(*per_rank)] + \
             [sum(column) for column in zip(*per_rank)] + [world]
+
+
+# (expert path, dtype, group_topk): one group per EP rank (device-limited routing), and the
+# same layer without the limit.
+GROUPED_CASES = [(path, dtype, group_topk)
+                 for path, dtype in (("megatron", torch.float32), ("lean", torch.bfloat16))
+                 for group_topk in (1, 2, None)]
+
+
+@pytest.mark.world_size(4)
+def test_device_limited_routing_sends_each_token_to_at_most_group_topk_ranks():
+    # N = 16 experts, 4 per rank, K = 4, rho 0.5 (M = 16) at EP = 4: group_topk = 1 and 2
+    # divide K with K / group_topk <= 4 experts per group.
+    world = 4
+    results = run_on_ranks(group_limited_traffic, world, GROUPED_CASES)
+    most_ranks = {}  # (path, group_topk) -> most ranks one token's rows went to
+    for index, (path, _, group_topk) in enumerate(GROUPED_CASES):
+        case = [result[index] for result in results]
+        total_real, total_sent_and_kept, total_combined = 0, 0, 0
+        ranks_per_token = []
+        for rank, result in enumerate(case):
+            label = (path, group_topk, rank)
+            assert result["same_routing"], label
+            expected = torch.tensor(result["expected_TE"])  # [tokens, ranks] real assignments
+            # The rows that left for each rank are, token by token, its real assignments
+            # to that rank's experts; the dispatcher split and counted the same.
+            assert result["wire_TE"] == result["expected_TE"], label
+            rows_to = expected.sum(dim=0).tolist()
+            assert result["wire_splits"] == result["input_splits"] == rows_to, label
+            row = result["hidden_bytes"] + PROBS_BYTES
+            to_others = sum(rows_to) - rows_to[rank]
+            from_others = sum(result["rows_from"]) - result["rows_from"][rank]
+            assert result["by_phase"]["dispatch"] == [
+                to_others * row, from_others * row, rows_to[rank] * row], label
+            assert result["by_phase"]["combine"] == [
+                from_others * result["hidden_bytes"], to_others * result["hidden_bytes"],
+                rows_to[rank] * result["hidden_bytes"]], label
+            ranks_per_token += (torch.tensor(result["wire_TE"]) > 0).sum(dim=1).tolist()
+            # Only real assignments cross: fewer rows than the K slots of the tokens.
+            assert sum(rows_to) == result["real_slots"] < result["slots"], label
+            total_real += result["real_slots"]
+            total_sent_and_kept += sum(result["by_phase"]["dispatch"][::2])
+            total_combined += sum(result["by_phase"]["combine"][::2])
+        most_ranks[path, group_topk] = max(ranks_per_token)
+        if group_topk is not None:
+            assert most_ranks[path, group_topk] <= group_topk, (path, group_topk)
+        # Over the ranks: the hidden rows of the real assignments, no null slot's (and in the
+        # dispatch their routing weights).
+        hidden_bytes = case[0]["hidden_bytes"]
+        assert total_combined == total_real * hidden_bytes, (path, group_topk)
+        assert total_sent_and_kept == total_real * (hidden_bytes + PROBS_BYTES), path
+        assert sum(sum(r["by_phase"]["dispatch"][1:]) for r in case) == total_sent_and_kept
+    # Same weights and tokens without the limit: some token's rows reach more ranks.
+    for path, _, group_topk in GROUPED_CASES:
+        if group_topk is not None:
+            assert most_ranks[path, None] > group_topk, (path, group_topk, most_ranks)
 
 
 @pytest.mark.world_size(2)
