@@ -21,7 +21,40 @@ marked assumed in the output) and prints Markdown: per GPU and step (one micro-b
 all-to-all bytes and the time of both for the mean rank and the slowest one (each MoE layer's
 all-to-all waits for the slowest rank, so the slowest one sets the step).
 
-Legend: R ranks, N experts, E expert-parallel size, T tokens per rank, H hidden, F expert FFN.
+``model --group-topk g[,g...]`` adds a table under node-limited routing
+(``--moe-router-num-groups`` = the nodes of the EP group, ``--moe-router-group-topk`` = g):
+each token's real experts come from its g best groups, one group per node, so its rows leave
+its node for at most g nodes (null copies belong to no group). What the model charges then:
+
+- The statistics were measured without the limit, so they cannot say how routing changes
+  under it. Assumed: the per-expert loads (so the GEMM rows and each rank's rows) stay as
+  measured; only the node spread of each token's rows is capped, alike for every token (the
+  busiest rank's InfiniBand rows shrink by the mean token's share).
+- The limit pays with a dispatcher that sends a token's rows for one remote node as one
+  InfiniBand copy and fans them out over NVLink there (the flex dispatcher's DeepEP / HybridEP
+  backends): the limited table is for such a dispatcher. With the alltoall dispatcher (one
+  row per assignment) the limit moves rows between nodes without cutting them (a token's own
+  node is no likelier than another to be among its g groups, so (G - 1) / G of its rows still
+  leave it): read the unlimited table there.
+- Bound: under the limit a token reaches at most min(g, r, G) nodes (r: its real rows, G: the
+  EP group's nodes), its own node among them with probability (those nodes) / G, so it sends
+  at most (G - 1) / G * min(g, r, G) copies over InfiniBand; over the tokens (Jensen) at most
+  (G - 1) / G * min(g, n), n = min(r_mean, G). Without the limit (G - 1) / G * r_mean of its
+  rows leave its node on average, what the measured InfiniBand rows show; so the measured
+  rows times share = min(g, n) / n are at least those copies. That is what is charged, with
+  every charged row a whole row of bytes; g >= n (g = G always) leaves every number as
+  without the limit.
+- The rows folded into another row's copy, (1 - share) of the measured InfiniBand rows, are
+  charged to NVLink in the destination node (added to the rank's NVLink rows); the rows a
+  rank exchanges stay as measured (they change link, not number). A dispatcher that sends
+  fewer copies than charged forwards more rows over NVLink (DeepEP forwards nearly every
+  remote row from the rank that received it): the phase time is an upper bound wherever
+  InfiniBand stays the slower link with every remote row also on NVLink. With the default
+  rates that is everywhere on this project's statistics except upstream K8 at g = 1, EP 64,
+  whose all-to-all could then take 3 % longer.
+
+Legend: R ranks, N experts, E expert-parallel size, T tokens per rank, H hidden, F expert FFN,
+G nodes of the EP group, g node limit (group top-k).
 """
 
 import argparse
@@ -33,10 +66,11 @@ from pathlib import Path
 import torch
 
 EP_SIZES = (8, 16, 32, 64)
+UPSTREAM_K8, UPSTREAM_K4, NULL = "upstream K8 rho=1", "upstream K4 rho=1", "null K8 rho=0.5"
 CONFIGS = {  # name: (demo configuration, topk, rho)
-    "upstream K8 rho=1": ("K8_1.0", 8, 1.0),
-    "upstream K4 rho=1": ("K4_1.0", 4, 1.0),
-    "null K8 rho=0.5": ("K8_0.5+budget", 8, 0.5),
+    UPSTREAM_K8: ("K8_1.0", 8, 1.0),
+    UPSTREAM_K4: ("K4_1.0", 4, 1.0),
+    NULL: ("K8_0.5+budget", 8, 0.5),
 }
 STATISTICS = Path(__file__).parent.parent / "docs" / "scale_model_measured.json"
 # Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B): config.json / transformers' Qwen3MoeConfig.
@@ -226,10 +260,39 @@ def measure(args) -> dict:
 
 # ---- model: scale to the shape and the assumed hardware ---------------------------------
 
+def nodes_of(ep: int, gpus_per_node: int) -> int:
+    """Nodes of an EP group on consecutive ranks (one, if it fits in part of a node)."""
+    return max(1, ep // gpus_per_node)
+
+
+def remote_node_share(real_rows: float, group_topk: int, nodes: int) -> float:
+    """The share of the measured InfiniBand rows charged under node-limited routing to
+    group_topk of ``nodes`` nodes: min(g, n) / n, n = min(real_rows, nodes) the most nodes the
+    mean token's real rows reach without the limit (module docstring: times the measured
+    rows, it bounds the copies of a dispatcher that sends a token once to each remote node)."""
+    reached = min(real_rows, nodes)
+    return 1.0 if reached <= group_topk else group_topk / reached
+
+
+def node_limited(statistics: dict, group_topk: int, nodes: int) -> dict:
+    """One EP size's statistics (load_statistics) as the model charges them under
+    node-limited routing (module docstring): InfiniBand rows times remote_node_share, the rows
+    folded into other rows' copies added to the NVLink rows; everything else as measured."""
+    share = remote_node_share(statistics["expert_rows_mean"], group_topk, nodes)
+    limited = dict(statistics)
+    for which in ("mean", "max"):
+        remote = statistics[f"infiniband_rows_{which}"]
+        limited[f"infiniband_rows_{which}"] = remote * share
+        limited[f"nvlink_rows_{which}"] = statistics[f"nvlink_rows_{which}"] \
+            + remote * (1 - share)
+    return limited
+
+
 def step_costs(statistics: dict, shape: dict, hardware: dict) -> dict:
     """Per GPU and step (tokens per GPU through every MoE layer, forward + backward), for the
     mean rank and the slowest: expert GEMM FLOPs and seconds, all-to-all bytes sent (over a
-    step a rank sends what it receives: combine and backward mirror the dispatch) and seconds.
+    step a rank sends what it receives: combine and backward mirror the dispatch) and seconds,
+    and the InfiniBand bytes of the rank's larger direction.
 
     Expert GEMMs per row: forward 2*H*2F (gate and up) + 2*F*H (down), backward twice that:
     18*H*F. All-to-alls per layer: dispatch (a row of H in activation bytes + its routing
@@ -256,13 +319,18 @@ def step_costs(statistics: dict, shape: dict, hardware: dict) -> dict:
             "alltoall_bytes": statistics[f"exchanged_rows_{which}"] * tokens * layers
             * sum(row_bytes.values()),
             "alltoall_seconds": phase_seconds * layers,
+            "infiniband_bytes": 2 * statistics[f"infiniband_rows_{which}"] * tokens * layers
+            * sum(row_bytes.values()),
         }
         costs[which]["seconds"] = costs[which]["gemm_seconds"] + costs[which]["alltoall_seconds"]
     return costs
 
 
-def model_rows(configs: dict, shape: dict, hardware: dict) -> list:
-    """Table rows: step_costs per EP size and configuration."""
+def model_rows(configs: dict, shape: dict, hardware: dict, group_topk: int = None,
+               gpus_per_node: int = 8) -> list:
+    """Table rows: step_costs per EP size and configuration; with group_topk, under
+    node-limited routing to that many nodes (node_limited; it binds nothing at EP sizes of at
+    most group_topk nodes)."""
     rows = []
     sizes = sorted({int(ep) for config in configs.values() for ep in config["by_ep"]})
     for ep in sizes:
@@ -270,10 +338,13 @@ def model_rows(configs: dict, shape: dict, hardware: dict) -> list:
         for name, config in configs.items():
             if str(ep) not in config["by_ep"]:
                 continue
+            statistics = config["by_ep"][str(ep)]
+            if group_topk is not None:
+                statistics = node_limited(statistics, group_topk, nodes_of(ep, gpus_per_node))
             by_config[name] = {"config": name, "ep": ep, "real_fraction": config["real_fraction"],
-                               **step_costs(config["by_ep"][str(ep)], shape, hardware)}
+                               **step_costs(statistics, shape, hardware)}
         for row in by_config.values():
-            for reference in ("upstream K8 rho=1", "upstream K4 rho=1"):
+            for reference in (UPSTREAM_K8, UPSTREAM_K4):
                 if reference in by_config:
                     row[f"vs {reference}"] = row["max"]["seconds"] / \
                         by_config[reference]["max"]["seconds"]
@@ -302,6 +373,37 @@ def markdown(rows: list, gpus_per_node: int) -> str:
             f"{milliseconds['gemm_seconds']} | {milliseconds['alltoall_seconds']} | "
             f"{milliseconds['seconds']} | {row.get('vs upstream K8 rho=1', float('nan')):.2f} | "
             f"{row.get('vs upstream K4 rho=1', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def node_limited_markdown(rows_by_limit: dict, gpus_per_node: int) -> str:
+    """Null experts' K8 rho = 0.5 against upstream K8 (and K4) per EP size, without the node
+    limit (key None of rows_by_limit: model_rows' rows per limit) and under each limit g."""
+    lines = [
+        "| EP (nodes) | node limit g | InfiniBand GB, busiest rank: upstream K8 / null K8 "
+        "rho=0.5 | all-to-all ms, slowest: upstream K8 / null | step ms, slowest: upstream K8 "
+        "/ null | null vs upstream K8, same limit | vs upstream K8 without limit "
+        "| vs upstream K4, same limit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(limit, row["ep"], row["config"]): row
+              for limit, rows in rows_by_limit.items() for row in rows}
+    nan = {"max": {"infiniband_bytes": float("nan"), "alltoall_seconds": float("nan"),
+                   "seconds": float("nan")}}
+    for ep in sorted({ep for _, ep, _ in by_key}):
+        nodes = nodes_of(ep, gpus_per_node)
+        unlimited = by_key.get((None, ep, UPSTREAM_K8), nan)["max"]["seconds"]
+        for limit in rows_by_limit:
+            k8, k4, null = (by_key.get((limit, ep, name), nan)["max"]
+                            for name in (UPSTREAM_K8, UPSTREAM_K4, NULL))
+            label = "off" if limit is None else str(limit) if limit < nodes else \
+                f"{limit} (binds nothing: {nodes} node{'s' * (nodes > 1)})"
+            lines.append(
+                f"| {ep} ({nodes}) | {label} | {k8['infiniband_bytes'] / 1e9:.1f} / "
+                f"{null['infiniband_bytes'] / 1e9:.1f} | {k8['alltoall_seconds'] * 1e3:.0f} / "
+                f"{null['alltoall_seconds'] * 1e3:.0f} | {k8['seconds'] * 1e3:.0f} / "
+                f"{null['seconds'] * 1e3:.0f} | {null['seconds'] / k8['seconds']:.2f} | "
+                f"{null['seconds'] / unlimited:.2f} | {null['seconds'] / k4['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -382,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     modelling.add_argument("--infiniband-gbps", type=float, default=40.0,
                            help="Achieved GB/s per GPU and direction between nodes (assumed; "
                                 "default: 40, one InfiniBand NDR 400 Gb/s NIC per GPU, peak 50).")
+    modelling.add_argument("--group-topk", default=None, metavar="G[,G...]",
+                           help="Also print a table under node-limited routing, one expert group "
+                                "per node, each token's real experts on at most G nodes "
+                                "(--moe-router-num-groups = nodes, --moe-router-group-topk = G; "
+                                "comma-separated for several G; each from 1 to the nodes of the "
+                                "largest EP group; binds nothing at EP sizes of at most G nodes). "
+                                "Default: off, no limit.")
     return parser
 
 
@@ -395,6 +504,19 @@ def parse_arguments(argv=None):
                 parser.error(f"--ep {ep}: needs EP <= --ranks {args.ranks} and dividing "
                              f"--experts {args.experts}")
     return args
+
+
+def group_topk_values(text: str, ep_sizes, gpus_per_node: int) -> list:
+    """--group-topk's values, each from 1 to the nodes of the largest EP group; SystemExit
+    with a one-line message otherwise."""
+    most = max(nodes_of(ep, gpus_per_node) for ep in ep_sizes)
+    values = [value.strip() for value in text.split(",")]
+    if not all(value.isascii() and value.isdigit() and 1 <= int(value) <= most
+               for value in values):
+        raise SystemExit(f"error: --group-topk {text}: each value must be a whole number from 1 "
+                         f"to {most} (the nodes of EP {max(ep_sizes)} at {gpus_per_node} GPUs "
+                         "per node)")
+    return list(dict.fromkeys(int(value) for value in values))
 
 
 def hardware_of(args) -> dict:
@@ -416,11 +538,25 @@ def main(argv=None):
     if measured["how"]["experts"] != shape["experts"]:
         print(f"note: statistics measured with {measured['how']['experts']} experts, the model "
               f"has {shape['experts']}", file=sys.stderr)
+    gpus_per_node = measured["how"]["gpus_per_node"]
+    limits = None
+    if args.group_topk is not None:
+        limits = group_topk_values(args.group_topk, [int(ep) for config in
+                                   measured["configs"].values() for ep in config["by_ep"]],
+                                   gpus_per_node)
     rows = model_rows(measured["configs"], shape, hardware_of(args))
     print(measured_summary(measured))
     print()
-    print(markdown(rows, measured["how"]["gpus_per_node"]))
-    return rows
+    print(markdown(rows, gpus_per_node))
+    if limits is None:
+        return rows
+    rows_by_limit = {None: rows}
+    for limit in limits:
+        rows_by_limit[limit] = model_rows(measured["configs"], shape, hardware_of(args), limit,
+                                          gpus_per_node)
+    print()
+    print(node_limited_markdown(rows_by_limit, gpus_per_node))
+    return rows_by_limit
 
 
 if __name__ == "__main__":

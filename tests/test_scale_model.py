@@ -73,6 +73,9 @@ def test_tiny_measurement_and_model(tmp_path, capsys):
             k4 = next(r for r in rows if r["ep"] == row["ep"] and "K4" in r["config"])
             assert k4["mean"]["expert_flops"] == pytest.approx(row["mean"]["expert_flops"] / 2)
     assert "| 4 (2) | null K8 rho=0.5 |" in capsys.readouterr().out
+    scale_model.main(["model", "--statistics", str(statistics), "--group-topk", "1"])
+    printed = capsys.readouterr().out
+    assert "| 2 (1) | 1 (binds nothing: 1 node) |" in printed and "| 4 (2) | 1 |" in printed
 
 
 def test_the_page_shows_what_the_committed_statistics_give(capsys):
@@ -82,3 +85,76 @@ def test_the_page_shows_what_the_committed_statistics_give(capsys):
     for line in printed.splitlines():
         if line.startswith("| "):
             assert line in page, line
+
+
+# ---- node-limited routing (--group-topk) --------------------------------------------------
+
+def _committed_rows(group_topk=None):
+    measured = json.loads(scale_model.STATISTICS.read_text())
+    hardware = scale_model.hardware_of(scale_model.parse_arguments(["model"]))
+    return scale_model.model_rows(measured["configs"], dict(scale_model.QWEN3_30B_A3B, tokens=4096),
+                                  hardware, group_topk, measured["how"]["gpus_per_node"])
+
+
+def test_node_limit_charges_a_share_of_the_inter_node_rows_to_nvlink():
+    share = scale_model.remote_node_share
+    assert share(8.0, 1, 8) == 1 / 8 and share(4.05, 2, 8) == 2 / 4.05
+    assert share(4.0, 1, 2) == 0.5  # a token's 4 real rows reach at most the 2 nodes
+    assert share(8.0, 8, 8) == share(3.0, 4, 8) == 1.0  # binds nothing
+    statistics = {f"{name}_{which}": value for which, scale in (("mean", 1.0), ("max", 1.5))
+                  for name, value in (("expert_rows", 4.0 * scale), ("nvlink_rows", 0.5 * scale),
+                                      ("infiniband_rows", 3.5 * scale),
+                                      ("exchanged_rows", 8.0 * scale))}
+    limited = scale_model.node_limited(statistics, 1, 8)  # share 1/4 (4 real rows, mean)
+    for which in ("mean", "max"):
+        remote = statistics[f"infiniband_rows_{which}"]
+        assert limited[f"infiniband_rows_{which}"] == pytest.approx(remote / 4)
+        assert limited[f"nvlink_rows_{which}"] == pytest.approx(
+            statistics[f"nvlink_rows_{which}"] + remote * 3 / 4)
+        for name in ("expert_rows", "exchanged_rows"):
+            assert limited[f"{name}_{which}"] == statistics[f"{name}_{which}"]
+    assert scale_model.node_limited(statistics, 8, 8) == statistics
+
+
+def test_node_limit_off_or_binding_nothing_changes_no_number(capsys):
+    off = scale_model.main(["model"])
+    printed_off = capsys.readouterr().out
+    by_limit = scale_model.main(["model", "--group-topk", "8,4"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(printed_off)  # the tables without the limit, unchanged
+    assert by_limit[None] == off and by_limit[8] == off  # g = nodes of every EP group
+    page = (_ROOT / "docs" / "scale_model.md").read_text()
+    assert printed[len(printed_off):].strip().splitlines()[0] in page  # the table's header
+    for group_topk in (1, 2, 4):  # EP 8, 16, 32: 1, 2, 4 nodes
+        limited = _committed_rows(group_topk)
+        assert [row for row in limited if row["ep"] <= 8 * group_topk] == \
+            [row for row in off if row["ep"] <= 8 * group_topk]
+
+
+def test_smaller_node_limits_cut_inter_node_bytes_and_never_slow_a_step():
+    off = _committed_rows()
+    previous = off
+    for group_topk in range(8, 0, -1):
+        limited = _committed_rows(group_topk)
+        for row, before, unlimited in zip(limited, previous, off):
+            assert (row["ep"], row["config"]) == (before["ep"], before["config"])
+            for which in ("mean", "max"):
+                for key in ("infiniband_bytes", "alltoall_seconds", "seconds"):
+                    assert row[which][key] <= before[which][key] * (1 + 1e-12)
+                assert row[which]["expert_flops"] == unlimited[which]["expert_flops"]
+            # EP 16-64, the limit binds: fewer nodes than the group's and than a token's
+            # real rows (4 to 8) reach
+            if group_topk < min(row["ep"] // 8, 4):
+                assert row["max"]["infiniband_bytes"] < 0.99 * unlimited["max"]["infiniband_bytes"]
+                assert row["max"]["seconds"] < 0.99 * unlimited["max"]["seconds"]
+        previous = limited
+
+
+@pytest.mark.parametrize("value", ["0", "9", "1,9", "two", "-1", "1.5"])
+def test_node_limits_outside_one_to_the_nodes_are_refused(value, capsys):
+    with pytest.raises(SystemExit) as refused:
+        scale_model.main(["model", f"--group-topk={value}"])
+    assert str(refused.value) == (
+        f"error: --group-topk {value}: each value must be a whole number from 1 to 8 "
+        "(the nodes of EP 64 at 8 GPUs per node)")
+    assert capsys.readouterr().out == ""
