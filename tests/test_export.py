@@ -6,10 +6,13 @@ shared expert), trained 20 iterations through the entry point with the budget co
 (PP=2 x EP=2, lean path) and by eight (TP=2 with sequence parallelism x PP=2 x EP=2, Megatron
 path, experts sharded over TP), and exported. transformers loads each export; its logits, greedy
 tokens and real experts per token are compared with the Megatron model's (TP=PP=EP=1,
-loading the same checkpoint, on the path it was trained on). Checkpoints, exports and models
-are made on first use and shared by the tests.
+loading the same checkpoint, on the path it was trained on). A model trained from a random
+start with sigmoid scores, the per-expert selection bias and node-limited groups (8 experts
+in 4 groups, top-4 from 2 groups, rho 0.5, budget controller) is exported and compared the
+same way. Checkpoints, exports and models are made on first use and shared by the tests.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -24,11 +27,18 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_null_moe import pool_routing
+from megatron_null_moe.config import NullExpertConfig
 from megatron_null_moe.export.__main__ import build_parser, export
 from megatron_null_moe.export.checkpoint import UNSUPPORTED_MOE_SETTINGS, moe_model
+from megatron_null_moe.export.huggingface import hugging_face_config, is_plain_qwen3_moe
 from megatron_null_moe.upcycle import checkpoint
 from megatron_null_moe.upcycle.__main__ import upcycle
-from megatron_null_moe.upcycle.architecture import MoEShape, build_gpt_model, checkpoint_args
+from megatron_null_moe.upcycle.architecture import (
+    MoEShape,
+    build_gpt_model,
+    checkpoint_args,
+    megatron_flags,
+)
 from megatron_null_moe.upcycle.convert import UpcycleSettings
 from test_upcycle import (
     PAPER_LIKE,
@@ -63,6 +73,19 @@ TRAINED = [pytest.param(name, marks=[pytest.mark.world_size(LAYOUTS[name][1])]
 PROMPTS = [torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(length))
            for length in (12, 7)]
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+# config.json's routing options beyond the paper's, written only for a checkpoint using them.
+ROUTING_OPTION_KEYS = ("router_score_function", "router_expert_bias", "router_num_groups",
+                       "router_group_topk")
+# The model trained with them: 8 experts in 4 groups of 2, top-4 from each token's 2 best
+# groups, rho 0.5 (M = 8), sigmoid scores, the per-expert bias at a large rate (so that a
+# few iterations move it), the budget controller.
+ROUTING_OPTIONS_MOE = MoEShape(num_experts=8, expert_ffn_hidden_size=64, topk=4,
+                               shared_expert_ffn_hidden_size=0,
+                               null_config=NullExpertConfig(real_fraction=0.5),
+                               moe_layers=(1, 2))
+ROUTING_OPTIONS = ("--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                   "--moe-router-bias-update-rate", "1e-2", "--moe-router-num-groups", "4",
+                   "--moe-router-group-topk", "2")
 
 
 def make_tokenizer(directory: Path) -> Path:
@@ -100,6 +123,33 @@ class Runs:
         return run / "ckpt"
 
     @functools.cache
+    def trained_from_scratch(self, name: str, moe: MoEShape, iterations: int,
+                             *flags: str) -> Path:
+        """The entry point on TINY's architecture (weights drawn at std 0.1, as the tiny
+        Qwen3's) with ``moe``, from a random start, on mock data, one process, budget
+        controller on; its checkpoint after ``iterations``."""
+        run = self.directory / f"trained-{name}"
+        dense = dataclasses.replace(TINY, init_method_std=0.1)
+        command = [
+            sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *megatron_flags(dense, moe),
+            "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--moe-token-dispatcher-type", "alltoall", "--moe-null-balance-scope", "global",
+            "--moe-aux-loss-coeff", "2e-2", "--moe-z-loss-coeff", "1e-3",
+            "--moe-null-budget-controller", "--transformer-impl", "local",
+            "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+            "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0",
+            "--eval-interval", "1000", "--seed", "1",
+            "--ckpt-format", "torch_dist", "--train-iters", str(iterations),
+            "--save-interval", str(iterations), "--save", str(run / "ckpt"), *flags]
+        environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                           PYTHONWARNINGS="ignore", TORCHDYNAMO_DISABLE="1")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env=environment)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        return run / "ckpt"
+
+    @functools.cache
     def exported(self, source: Path, *options: str) -> Path:
         output = self.directory / "-".join(["hf", source.parent.name, source.name, *options])
         export(build_parser().parse_args(["--checkpoint", str(source), "--output", str(output),
@@ -111,7 +161,8 @@ class Runs:
         """The Megatron model of checkpoint ``source`` (TP=PP=EP=1), in eval mode."""
         directory = checkpoint.checkpoint_directory(source)
         model = moe_model(directory, checkpoint.read_args(directory))
-        gpt = build_gpt_model(model.dense, model.moe, expert_path=expert_path)
+        gpt = build_gpt_model(model.dense, model.moe, expert_path=expert_path,
+                              router_settings=model.router_settings)
         loaded = dist_checkpointing.load({"model": checkpoint.sharded_state_dict(gpt)},
                                          str(directory))
         gpt.load_state_dict(loaded["model"], strict=False)
@@ -173,8 +224,11 @@ def test_export_equals_megatron_model(runs, layout):
     for layer, started in zip(reference.decoder.layers, start.decoder.layers):
         bias = float(layer.mlp.router.null_selection_bias)  # the controller has moved it
         assert abs(bias) > 0.1 and abs(bias - float(started.mlp.router.null_selection_bias)) > 0.01
+    config = json.loads((exported / "config.json").read_text())
+    assert not set(ROUTING_OPTION_KEYS) & set(config)  # as exported before they existed
     model = hugging_face(exported)
     assert type(model).__name__ == "Qwen3NullMoeForCausalLM"
+    assert not any(hasattr(layer.mlp.gate, "expert_bias") for layer in model.model.layers)
     rows = {}
     for index, layer in enumerate(model.model.layers):
         for expert in layer.mlp.experts:
@@ -445,7 +499,13 @@ TINY_MOE = MoEShape(num_experts=4, expert_ffn_hidden_size=64, topk=2,
 @pytest.mark.parametrize("name,value,match", [
     *[(name, value, rf"{flag}={value!r} is not supported; allowed: {allowed!r}")
       for (flag, name, allowed), value in zip(UNSUPPORTED_MOE_SETTINGS, (
-          "sigmoid", True, 4, 2, True, 1.25, True, True, 32))],
+          True, 1.25, True, True, 32))],
+    ("moe_router_score_function", "sqrtsoftplus",
+     r"--moe-router-score-function='sqrtsoftplus' is not supported; allowed: 'softmax', "
+     r"'sigmoid'\."),
+    ("moe_null_expert_bias_rate", 0.0, r"--moe-router-bias-update-rate=0.0 with "
+                                       r"--moe-router-enable-expert-bias; allowed: a positive "
+                                       r"rate\."),
     ("normalization", "LayerNorm", r"--normalization='LayerNorm': the export writes Qwen3-MoE "
                                    r"layers; allowed: 'RMSNorm'"),
     ("qk_layernorm", False, r"--qk-layernorm=False: .* allowed: True"),
@@ -554,3 +614,144 @@ def test_the_quickstart_model_trains_on_the_cpu_and_exports(runs, tmp_path):
     expected = logits(runs.megatron(checkpoint_dir), TOKENS)
     assert expected.abs().max() > 0.1
     assert (exported - expected).abs().max() < LOGIT_TOLERANCE
+
+
+def test_sigmoid_expert_bias_and_groups_export_equal_megatron(runs):
+    """Trained 6 iterations with sigmoid scores, the per-expert bias (rate 1e-2) and groups
+    (4 of 2 experts, top-4 from 2), rho 0.5 and the budget controller: config.json carries
+    the options, each router its per-expert bias (moved from 0, fp32, equal to Megatron's);
+    fp32 logits within 1e-4 of Megatron's and the same routing map in every layer. The bias
+    changes which experts some tokens take, every token's real experts lie in its 2 groups,
+    and a bf16 export and load keep the bias in fp32."""
+    from safetensors import safe_open
+
+    source = runs.trained_from_scratch("routing-options", ROUTING_OPTIONS_MOE, 6,
+                                       *ROUTING_OPTIONS)
+    exported = runs.exported(source)
+    config = json.loads((exported / "config.json").read_text())
+    assert {key: config[key] for key in ("num_null_experts", *ROUTING_OPTION_KEYS)} == {
+        "num_null_experts": 8, "router_score_function": "sigmoid", "router_expert_bias": True,
+        "router_num_groups": 4, "router_group_topk": 2}
+    reference = runs.megatron(source)
+    model = hugging_face(exported)
+    gates = [layer.mlp.gate for layer in model.model.layers]
+    for gate, megatron_layer in zip(gates, reference.decoder.layers):
+        router = megatron_layer.mlp.router
+        assert router.score_function == "sigmoid" and router.config.moe_router_group_topk == 2
+        assert router.expert_bias.abs().max() > 0.02  # moved from 0 by the updates
+        assert float(router.null_selection_bias) != 0.0  # and the controller's bias
+        assert gate.expert_bias.dtype == torch.float32
+        assert torch.equal(gate.expert_bias, router.expert_bias)
+        assert torch.equal(gate.null_selection_bias, router.null_selection_bias)
+    captured = []
+    for gate in gates:
+        gate.register_forward_hook(lambda module, inputs, output:
+                                   captured.append((module, inputs[0], output[2])))
+    with torch.no_grad():
+        output = model(TOKENS)
+    expected = logits(reference, TOKENS)
+    assert expected.abs().max() > 1.0
+    assert (output.logits - expected).abs().max() < LOGIT_TOLERANCE
+    batch, length = TOKENS.shape
+    moved = 0
+    for (gate, hidden, routing_map), reference_map in zip(
+            captured, megatron_routing_maps(reference, TOKENS)):
+        assert torch.equal(routing_map.view(batch, length, -1), reference_map)
+        assert (routing_map.view(-1, 4, 2).any(dim=-1).sum(dim=-1) <= 2).all()  # its 2 groups
+        with torch.no_grad():
+            pool_logits = torch.nn.functional.linear(
+                hidden.reshape(-1, 64), torch.cat([gate.weight, gate.null_weight]))
+        _, without_bias, _ = pool_routing.route_with_null_experts(
+            pool_logits[:, :8], pool_logits[:, 8], 8, 4,
+            null_selection_bias=gate.null_selection_bias, score_function="sigmoid",
+            num_groups=4, group_topk=2)
+        moved += int((without_bias != routing_map).any(dim=-1).sum())
+    assert moved > 0  # the per-expert bias changed some tokens' experts
+    for layer in hugging_face(exported).bfloat16().model.layers:  # Module.bfloat16() too
+        assert layer.mlp.gate.expert_bias.dtype == torch.float32
+    bf16 = runs.exported(source, "--dtype", "bf16")
+    (shard,) = bf16.glob("*.safetensors")
+    with safe_open(str(shard), framework="pt") as tensors:
+        biases = {name: tensors.get_tensor(name) for name in tensors.keys()
+                  if name.endswith("expert_bias")}
+    assert len(biases) == 2 and {bias.dtype for bias in biases.values()} == {torch.float32}
+    for layer, megatron_layer in zip(hugging_face(bf16, dtype=torch.bfloat16).model.layers,
+                                     reference.decoder.layers):
+        assert layer.mlp.gate.expert_bias.dtype == torch.float32
+        assert torch.equal(layer.mlp.gate.expert_bias, megatron_layer.mlp.router.expert_bias)
+
+
+@pytest.mark.parametrize("bias_args", [
+    dict(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3),  # Megatron's
+    dict(moe_router_enable_expert_bias=False, moe_null_expert_bias_rate=1e-2),  # the plugin's
+])
+def test_megatron_sigmoid_router_without_null_experts_exports_with_its_options(bias_args):
+    """rho = 1, sigmoid scores with the per-expert bias (Megatron's own flag or the plugin's
+    rate) and groups: not a plain Qwen3-MoE, whose router is softmax; the options are in
+    config.json. --moe-router-num-groups without --moe-router-group-topk routes as no groups
+    (as in Megatron)."""
+    moe = dataclasses.replace(TINY_MOE, null_config=NullExpertConfig())
+    args = checkpoint_args(TINY, moe)
+    vars(args).update(moe_router_score_function="sigmoid", moe_router_num_groups=2,
+                      moe_router_group_topk=1, **bias_args)
+    model = moe_model(Path("ckpt"), args)
+    assert (model.num_null_copies, model.expert_bias) == (0, True)
+    assert not is_plain_qwen3_moe(model)
+    config = hugging_face_config(model, torch.float32)
+    assert config["model_type"] == "qwen3_null_moe" and config["num_null_experts"] == 0
+    assert {key: config[key] for key in ROUTING_OPTION_KEYS} == {
+        "router_score_function": "sigmoid", "router_expert_bias": True,
+        "router_num_groups": 2, "router_group_topk": 1}
+    args.moe_router_group_topk = None
+    model = moe_model(Path("ckpt"), args)
+    assert model.num_groups is None
+    assert "router_num_groups" not in hugging_face_config(model, torch.float32)
+
+
+@pytest.mark.parametrize("groups", [None, (4, 2)])
+def test_router_without_null_copies_routes_as_megatron_sigmoid_with_expert_bias(groups):
+    """The exported router at M = 0 with sigmoid scores and a per-expert bias (and groups)
+    selects and weights as Megatron's own top-K with score function; its configuration
+    refuses what it cannot compute, naming the setting and what is allowed."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from megatron_null_moe.export.remote_code.configuration_qwen3_null_moe import (
+        Qwen3NullMoeConfig,
+    )
+    from megatron_null_moe.export.remote_code.modeling_qwen3_null_moe import (
+        Qwen3NullMoeRouter,
+    )
+
+    num_groups, group_topk = groups or (None, None)
+    config = Qwen3NullMoeConfig(hidden_size=16, num_experts=8, num_experts_per_tok=4,
+                                router_score_function="sigmoid", router_expert_bias=True,
+                                router_num_groups=num_groups, router_group_topk=group_topk)
+    router = Qwen3NullMoeRouter(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 16, generator=generator))
+        router.expert_bias.copy_(0.2 * torch.randn(8, generator=generator))
+    hidden = torch.randn(64, 16, generator=generator)
+    with torch.no_grad():
+        router_logits, probs, routing_map, real = router(hidden)
+    expected_probs, expected_map = topk_routing_with_score_function(
+        router_logits, 4, num_groups=num_groups, group_topk=group_topk,
+        score_function="sigmoid", expert_bias=router.expert_bias)
+    assert torch.equal(routing_map, expected_map) and torch.equal(real, torch.full((64,), 4))
+    torch.testing.assert_close(probs, expected_probs, rtol=1e-6, atol=1e-7)
+    unbiased_map = topk_routing_with_score_function(
+        router_logits, 4, num_groups=num_groups, group_topk=group_topk,
+        score_function="sigmoid")[1]
+    assert not torch.equal(routing_map, unbiased_map)  # the bias takes part in the choice
+    router.bfloat16()
+    assert router.expert_bias.dtype == torch.float32
+    for settings, match in ((dict(router_score_function="sqrtsoftplus"),
+                             r"router_score_function 'sqrtsoftplus': allowed: 'softmax', "
+                             r"'sigmoid'"),
+                            (dict(router_num_groups=3, router_group_topk=1),
+                             r"router_num_groups 3 and router_group_topk 1: allowed: both "
+                             r"None, or num_groups dividing num_experts 8"),
+                            (dict(router_num_groups=4),
+                             r"router_num_groups 4 and router_group_topk None")):
+        with pytest.raises(ValueError, match=match):
+            Qwen3NullMoeConfig(num_experts=8, **settings)

@@ -7,9 +7,10 @@ The input is a torch_dist checkpoint of a GPT MoE with Qwen3's layers (RMSNorm, 
 query/key norms, SwiGLU, no biases), saved at any TP/PP/EP and on either expert path by the
 entry point, the patched Megatron-LM script or the upcycler. The output directory, written
 all or nothing: config.json, safetensors shards with their index, the tokenizer files of
---tokenizer, and (unless the model is a plain Qwen3-MoE: rho = 1, no shared expert) the
-modeling code, which loads with ``AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)`` where only torch and transformers are installed.
+--tokenizer, and (unless the model is a plain Qwen3-MoE: rho = 1, no shared expert, softmax
+scores without a per-expert bias or groups) the modeling code, which loads with
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` where only torch and
+transformers are installed.
 """
 
 import argparse
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="new directory for the Hugging Face model (must not exist).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the written weights (default: the checkpoint's, fp32 "
-                             "for fp16); the null selection bias stays fp32.")
+                             "for fp16); the selection biases (null and per-expert) stay "
+                             "fp32.")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
                         help="copy the tokenizer files of DIR (e.g. the Hugging Face model "
                              "the run was upcycled from) into the output.")

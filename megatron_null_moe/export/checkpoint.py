@@ -9,6 +9,7 @@ one layer beside the shard being written.
 """
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
@@ -31,7 +32,8 @@ from megatron.core.dist_checkpointing.mapping import (
     apply_factory_merges,
 )
 
-from megatron_null_moe.config import NullExpertConfig
+from megatron_null_moe.arguments import expert_bias_rate_from_args
+from megatron_null_moe.config import SCORE_FUNCTIONS, NullExpertConfig
 from megatron_null_moe.upcycle.architecture import DenseArchitecture, MoEShape
 from megatron_null_moe.upcycle.checkpoint import (
     LOAD_ERRORS,
@@ -46,17 +48,14 @@ CHECKPOINT_FLAG = "--checkpoint"
 # (Megatron flag, args name, the one value allowed): MoE settings that change the model's
 # function and that the exported model does not compute.
 UNSUPPORTED_MOE_SETTINGS = (
-    ("--moe-router-score-function", "moe_router_score_function", "softmax"),
     ("--moe-router-pre-softmax", "moe_router_pre_softmax", False),
-    ("--moe-router-num-groups", "moe_router_num_groups", None),
-    ("--moe-router-group-topk", "moe_router_group_topk", None),
-    ("--moe-router-enable-expert-bias", "moe_router_enable_expert_bias", False),
     ("--moe-expert-capacity-factor", "moe_expert_capacity_factor", None),
     ("--moe-shared-expert-gate", "moe_shared_expert_gate", False),
     ("--moe-apply-probs-on-input", "moe_apply_probs_on_input", False),
     ("--moe-latent-size", "moe_latent_size", None),
 )
-# Controller state in the checkpoint that does not change the model's function.
+# Controller state in the checkpoint that does not change the model's function (the
+# per-expert bias, expert_bias, does: it is exported).
 NOT_EXPORTED = ("mlp.router.null_bias_integral",)
 
 
@@ -67,8 +66,11 @@ def _refuse(directory: Path, what: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class MoEModel:
     """What a null-expert MoE checkpoint holds: the GPT around its MoE layers (``dense``;
-    its FFN width is the dense layers'), the MoE layers (``moe``), and the router settings
-    that change its function (Megatron's --moe-router-dtype, --moe-router-topk-scaling-factor).
+    its FFN width is the dense layers'), the MoE layers (``moe``; its null_config's
+    expert_bias_rate is set when the routers carry a per-expert bias), and the router
+    settings that change its function (Megatron's --moe-router-dtype,
+    --moe-router-topk-scaling-factor, --moe-router-score-function, and
+    --moe-router-num-groups with --moe-router-group-topk, None without groups).
 
     per_layer_keys: the checkpoint keys each layer apart (Megatron does so for a
     --moe-layer-freq list or above 1), rather than stacking the layers under one key.
@@ -79,10 +81,25 @@ class MoEModel:
     router_dtype: Optional[str] = None
     topk_scaling_factor: Optional[float] = None
     per_layer_keys: bool = False
+    score_function: str = "softmax"
+    num_groups: Optional[int] = None
+    group_topk: Optional[int] = None
 
     @property
     def num_null_copies(self) -> int:
         return self.moe.null_config.null_copies_for(self.moe.num_experts)
+
+    @property
+    def router_settings(self) -> dict:
+        """TransformerConfig fields of its routers beyond the upcycler's softmax without
+        groups (upcycle.architecture.build_gpt_model's router_settings)."""
+        return dict(moe_router_score_function=self.score_function,
+                    moe_router_num_groups=self.num_groups, moe_router_group_topk=self.group_topk)
+
+    @property
+    def expert_bias(self) -> bool:
+        """Whether each router selects with a per-expert bias (Megatron's ``expert_bias``)."""
+        return self.moe.null_config.expert_bias_rate is not None
 
 
 def moe_model(directory: Path, args) -> MoEModel:
@@ -100,6 +117,10 @@ def moe_model(directory: Path, args) -> MoEModel:
             _refuse(directory, f"{flag}={value!r}: the export writes Qwen3-MoE layers; "
                                f"allowed: {allowed!r}.")
     refuse_unsupported(directory, args, UNSUPPORTED_MOE_SETTINGS, CHECKPOINT_FLAG)
+    score_function = getattr(args, "moe_router_score_function", "softmax")
+    if score_function not in SCORE_FUNCTIONS:
+        _refuse(directory, f"--moe-router-score-function={score_function!r} is not "
+                           f"supported; allowed: {', '.join(map(repr, SCORE_FUNCTIONS))}.")
     if getattr(args, "moe_router_load_balancing_type", None) == "sinkhorn":
         _refuse(directory, "--moe-router-load-balancing-type='sinkhorn' routes by sigmoid "
                            "scores at inference; allowed: 'aux_loss', 'seq_aux_loss', "
@@ -110,6 +131,16 @@ def moe_model(directory: Path, args) -> MoEModel:
     if len(pattern) != dense.num_layers or not any(pattern):
         _refuse(directory, f"--moe-layer-freq={frequency!r} does not describe "
                            f"{dense.num_layers} layers with at least one MoE layer.")
+    # Megatron limits the routing to groups only with --moe-router-group-topk (and checked
+    # both at training); --moe-router-num-groups alone changes nothing.
+    group_topk = getattr(args, "moe_router_group_topk", None) or None
+    num_groups = getattr(args, "moe_router_num_groups", None) if group_topk else None
+    # The plugin's rate (moe_null_expert_bias_rate) or Megatron's own flag: either way the
+    # routers carry expert_bias, read from the checkpoint like the other tensors.
+    expert_bias_rate = expert_bias_rate_from_args(args)
+    if expert_bias_rate is not None and not 0 < expert_bias_rate < math.inf:
+        _refuse(directory, f"--moe-router-bias-update-rate={expert_bias_rate!r} with "
+                           "--moe-router-enable-expert-bias; allowed: a positive rate.")
     moe = MoEShape(
         num_experts=args.num_experts,
         expert_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or dense.ffn_hidden_size,
@@ -117,11 +148,14 @@ def moe_model(directory: Path, args) -> MoEModel:
         shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", 0) or 0,
         null_config=NullExpertConfig(
             real_fraction=getattr(args, "moe_null_expert_rho", None) or 1.0,
-            num_null_copies=getattr(args, "moe_num_null_experts", None)),
+            num_null_copies=getattr(args, "moe_num_null_experts", None),
+            expert_bias_rate=expert_bias_rate),
         moe_layers=tuple(layer + 1 for layer, is_moe in enumerate(pattern) if is_moe))
     return MoEModel(dense=dense, moe=moe, router_dtype=getattr(args, "moe_router_dtype", None),
                     topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
-                    per_layer_keys=not isinstance(frequency, int) or frequency > 1)
+                    per_layer_keys=not isinstance(frequency, int) or frequency > 1,
+                    score_function=score_function, num_groups=num_groups,
+                    group_topk=group_topk)
 
 
 _LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.")

@@ -4,10 +4,12 @@ Names follow transformers' Qwen3-MoE, so tools that read Qwen3-MoE weights find 
 experts: ``model.layers.L.mlp.gate.weight`` (router rows), ``mlp.experts.E.{gate,up,
 down}_proj.weight``; layers left dense keep Qwen3's ``mlp.{gate,up,down}_proj.weight``. What
 Qwen3-MoE lacks gets names of its own: ``mlp.gate.null_weight`` (the null row),
-``mlp.gate.null_selection_bias`` (the budget controller's bias, fp32 in any dtype) and
-``mlp.shared_expert.{gate,up,down}_proj.weight``. Without null copies or a shared expert
-the model is a plain ``qwen3_moe`` (weights renormalised over the top-K: norm_topk_prob);
-otherwise ``qwen3_null_moe``, whose code (``remote_code/``) is written beside the weights.
+``mlp.gate.null_selection_bias`` (the budget controller's bias, fp32 in any dtype),
+``mlp.gate.expert_bias`` (the per-expert selection bias, fp32 in any dtype) and
+``mlp.shared_expert.{gate,up,down}_proj.weight``. Without null copies, a shared expert or a
+routing option Qwen3-MoE lacks (sigmoid scores, a per-expert bias, groups) the model is a
+plain ``qwen3_moe`` (weights renormalised over the top-K: norm_topk_prob); otherwise
+``qwen3_null_moe``, whose code (``remote_code/``) is written beside the weights.
 """
 
 import re
@@ -20,17 +22,35 @@ from megatron_null_moe.upcycle import huggingface as qwen3
 
 REMOTE_CONFIGURATION = "configuration_qwen3_null_moe"
 REMOTE_MODELING = "modeling_qwen3_null_moe"
-# Stay fp32 in a bf16 export: a threshold on fp32 logits, as the plugin keeps it.
-FP32_TENSORS = ("null_selection_bias",)
+# Stay fp32 in a bf16 export: selection biases added to fp32 logits or scores, as the
+# plugin keeps them.
+FP32_TENSORS = ("null_selection_bias", "expert_bias")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 def is_plain_qwen3_moe(model: MoEModel) -> bool:
-    """transformers' own Qwen3-MoE computes it: rho = 1, no shared expert, no top-K scaling.
-    (Qwen3-MoE takes router logits in the model's dtype: with --moe-router-dtype and a bf16
-    export they are rounded to bf16 where training kept them wider.)"""
+    """transformers' own Qwen3-MoE computes it: rho = 1, no shared expert, no top-K scaling,
+    softmax scores, no per-expert bias, no groups. (Qwen3-MoE takes router logits in the
+    model's dtype: with --moe-router-dtype and a bf16 export they are rounded to bf16 where
+    training kept them wider.)"""
     return (model.num_null_copies == 0 and not model.moe.shared_expert_ffn_hidden_size
-            and model.topk_scaling_factor in (None, 1.0))
+            and model.topk_scaling_factor in (None, 1.0) and model.score_function == "softmax"
+            and not model.expert_bias and model.num_groups is None)
+
+
+def routing_options(model: MoEModel) -> dict:
+    """config.json's routing options beyond the paper's (sigmoid scores, a per-expert bias,
+    groups), those the checkpoint uses only: a model without them exports as it did before
+    they existed, and the configuration's defaults read their absence as softmax, no bias,
+    no groups."""
+    options = {}
+    if model.score_function != "softmax":
+        options["router_score_function"] = model.score_function
+    if model.expert_bias:
+        options["router_expert_bias"] = True
+    if model.num_groups is not None:
+        options.update(router_num_groups=model.num_groups, router_group_topk=model.group_topk)
+    return options
 
 
 def hugging_face_config(model: MoEModel, dtype: torch.dtype) -> dict:
@@ -60,6 +80,7 @@ def hugging_face_config(model: MoEModel, dtype: torch.dtype) -> dict:
         num_null_experts=model.num_null_copies,
         shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         router_dtype=model.router_dtype, router_topk_scaling_factor=model.topk_scaling_factor,
+        **routing_options(model),
         auto_map={
             "AutoConfig": f"{REMOTE_CONFIGURATION}.Qwen3NullMoeConfig",
             "AutoModel": f"{REMOTE_MODELING}.Qwen3NullMoeModel",
@@ -70,7 +91,8 @@ def hugging_face_config(model: MoEModel, dtype: torch.dtype) -> dict:
 
 # An MoE layer's MLP tensors (names under decoder.layers.L.mlp.) that map one to one.
 ROUTER_NAMES = {"router.weight": "gate.weight", "router.null_weight": "gate.null_weight",
-                "router.null_selection_bias": "gate.null_selection_bias"}
+                "router.null_selection_bias": "gate.null_selection_bias",
+                "router.expert_bias": "gate.expert_bias"}
 _EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.(.+)")
 
 

@@ -67,8 +67,11 @@ class MoEShape:
 
 
 def transformer_config(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
-                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron's config for the dense model, or for its upcycled MoE when ``moe`` is given.
+                       params_dtype: torch.dtype = torch.float32,
+                       router_settings: Optional[dict] = None) -> TransformerConfig:
+    """Megatron's config for the dense model, or for its upcycled MoE when ``moe`` is given
+    (softmax scores without groups, unless ``router_settings``, TransformerConfig fields such
+    as moe_router_score_function or moe_router_num_groups, say otherwise).
 
     Fusions that need apex or Transformer Engine are off; initialisation is skipped (every
     tensor is filled from the dense model).
@@ -94,6 +97,7 @@ def transformer_config(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
             moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
             moe_token_dispatcher_type="alltoall", moe_router_dtype="fp32",
             moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+            **(router_settings or {}),
         )
     return TransformerConfig(**settings)
 
@@ -111,13 +115,14 @@ def moe_layer_pattern(dense: DenseArchitecture, moe: MoEShape) -> Union[int, Lis
 
 def build_gpt_model(dense: DenseArchitecture, moe: Optional[MoEShape] = None,
                     params_dtype: torch.dtype = torch.float32,
-                    expert_path: str = "megatron") -> GPTModel:
+                    expert_path: str = "megatron",
+                    router_settings: Optional[dict] = None) -> GPTModel:
     """The dense GPTModel, or the null-expert MoE one, on Megatron's local spec (TP=PP=EP=1;
-    expert_path: with_null_experts').
+    expert_path: with_null_experts'; router_settings: transformer_config's).
 
     Needs Megatron's process groups (e.g. ``single_process_parallel_state("cpu")``).
     """
-    config = transformer_config(dense, moe, params_dtype)
+    config = transformer_config(dense, moe, params_dtype, router_settings)
     if moe is None:
         spec = get_gpt_layer_local_spec(qk_layernorm=dense.qk_layernorm,
                                         normalization=dense.normalization)

@@ -2,17 +2,20 @@
 
 Each MoE layer's router holds N real rows and one null row; the null logit stands for M
 copies. The routing is the training plugin's own code (``pool_routing``): top-K over the
-N + M pool, the layer's ``null_selection_bias`` added to the null logit for the choice only,
-weights renormalised over the selected real experts from the router's logits. Null slots are
-dropped before any expert work: each expert runs on its real tokens only, and a token with
-no real expert gets 0 from the routed experts (the shared expert, if any, runs on every
-token). ``output_real_experts_per_token=True`` (a forward argument or the config's) adds
-each MoE layer's real experts per token, [batch, sequence], to the output.
+N + M pool on softmax logits or sigmoid scores (``router_score_function``), the layer's
+``null_selection_bias`` added to the null logit and its per-expert ``expert_bias`` (when
+``router_expert_bias``) to the real experts' keys for the choice only, within each token's
+best groups of real experts when ``router_num_groups`` is set; weights renormalised over the
+selected real experts from the router's unbiased logits. Null slots are dropped before any
+expert work: each expert runs on its real tokens only, and a token with no real expert gets
+0 from the routed experts (the shared expert, if any, runs on every token).
+``output_real_experts_per_token=True`` (a forward argument or the config's) adds each MoE
+layer's real experts per token, [batch, sequence], to the output.
 
 Weight names are Qwen3-MoE's (``mlp.gate.weight``, ``mlp.experts.E.{gate,up,down}_proj``),
-plus ``mlp.gate.null_weight``, ``mlp.gate.null_selection_bias`` (fp32 in any model dtype)
-and ``mlp.shared_expert.{gate,up,down}_proj``. Shape legend: T tokens, H hidden, N real
-experts.
+plus ``mlp.gate.null_weight``, ``mlp.gate.null_selection_bias`` and ``mlp.gate.expert_bias``
+(both fp32 in any model dtype) and ``mlp.shared_expert.{gate,up,down}_proj``. Shape legend:
+T tokens, H hidden, N real experts.
 """
 
 from dataclasses import dataclass
@@ -40,11 +43,15 @@ from .configuration_qwen3_null_moe import Qwen3NullMoeConfig
 from .pool_routing import real_experts_per_token, route_with_null_experts
 
 ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# Selection biases added to fp32 (or wider) logits or scores: kept in fp32 in any model dtype.
+FP32_BUFFERS = ("null_selection_bias", "expert_bias")
 
 
 class Qwen3NullMoeRouter(Qwen3MoeTopKRouter):
     """Qwen3-MoE's router with a null row ``null_weight`` [1, H] and the budget controller's
-    ``null_selection_bias`` [1] (when M > 0), routing as the plugin's NullExpertRouter.
+    ``null_selection_bias`` [1] (when M > 0), and the per-expert selection bias
+    ``expert_bias`` [N] (when ``router_expert_bias``), routing as the plugin's
+    NullExpertRouter.
 
     Returns pool logits [T, N (+1)], routing weights [T, N] (0 where not routed), routing
     map [T, N] (bool, real experts only) and real experts per token (input's leading shape).
@@ -55,18 +62,26 @@ class Qwen3NullMoeRouter(Qwen3MoeTopKRouter):
         self.num_null_experts = config.num_null_experts
         self.router_dtype = ROUTER_DTYPES.get(config.router_dtype)
         self.scaling_factor = config.router_topk_scaling_factor
+        self.score_function = config.router_score_function
+        self.num_groups = config.router_num_groups
+        self.group_topk = config.router_group_topk
         self.null_weight = None
         if self.num_null_experts > 0:
             self.null_weight = nn.Parameter(torch.zeros(1, self.hidden_dim))
             self.register_buffer("null_selection_bias", torch.zeros(1, dtype=torch.float32))
+        if config.router_expert_bias:
+            self.register_buffer("expert_bias",
+                                 torch.zeros(self.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
-        # Module.bfloat16()/half() cast every floating buffer; the selection bias, a threshold
-        # on fp32 logits, keeps its fp32 value (it only follows the device).
-        bias = self._buffers.get("null_selection_bias")
+        # Module.bfloat16()/half() cast every floating buffer; the selection biases, added to
+        # fp32 logits or scores, keep their fp32 values (they only follow the device).
+        kept = {name: self._buffers[name] for name in FP32_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
-        if bias is not None and self.null_selection_bias.dtype != bias.dtype:
-            self.null_selection_bias = bias.to(device=self.null_selection_bias.device)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
         return self
 
     def forward(self, hidden_states: torch.Tensor):
@@ -80,7 +95,9 @@ class Qwen3NullMoeRouter(Qwen3MoeTopKRouter):
         probs_TN, routing_map_TN, _ = route_with_null_experts(
             logits_TG[:, : self.num_experts], null_T, self.num_null_experts, self.top_k,
             scaling_factor=self.scaling_factor,
-            null_selection_bias=getattr(self, "null_selection_bias", None))
+            null_selection_bias=getattr(self, "null_selection_bias", None),
+            score_function=self.score_function, expert_bias=getattr(self, "expert_bias", None),
+            num_groups=self.num_groups, group_topk=self.group_topk)
         real = real_experts_per_token(routing_map_TN).view(hidden_states.shape[:-1])
         return logits_TG, probs_TN, routing_map_TN, real
 
@@ -127,8 +144,9 @@ class Qwen3NullMoeSparseBlock(nn.Module):
 class Qwen3NullMoePreTrainedModel(Qwen3MoePreTrainedModel):
     config: Qwen3NullMoeConfig
     config_class = Qwen3NullMoeConfig
-    # The selection bias is a threshold on fp32 logits: rounding it to bf16 would move it.
-    _keep_in_fp32_modules_strict = ["null_selection_bias"]
+    # The selection biases are added to fp32 logits or scores: rounding them to bf16 would
+    # move them.
+    _keep_in_fp32_modules_strict = list(FP32_BUFFERS)
     _can_record_outputs = {
         **Qwen3MoePreTrainedModel._can_record_outputs,
         "real_experts_per_token": OutputRecorder(Qwen3NullMoeRouter, index=3),
@@ -139,6 +157,8 @@ class Qwen3NullMoePreTrainedModel(Qwen3MoePreTrainedModel):
         if isinstance(module, Qwen3NullMoeRouter) and module.null_weight is not None:
             init.normal_(module.null_weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.null_selection_bias)
+        if isinstance(module, Qwen3NullMoeRouter) and "expert_bias" in module._buffers:
+            init.zeros_(module.expert_bias)
 
 
 class Qwen3NullMoeModel(Qwen3NullMoePreTrainedModel, Qwen3MoeModel):
