@@ -612,14 +612,30 @@ def _unpadded_vocab_size(args) -> int:
         return args.vocab_size
 
 
+def refuse_missing_expert_bias(load_dir, error: BaseException) -> None:
+    """A checkpoint saved without the per-expert bias, loaded by a run with it: Megatron's
+    default strictness stops at the missing key; say which flag starts the bias at zero."""
+    if "router.expert_bias from model not in state dict" in str(error):
+        raise CheckpointRefusal(
+            f"--load {load_dir} has no per-expert bias (router.expert_bias: it was saved "
+            "without --moe-router-enable-expert-bias); allowed: --dist-ckpt-strictness "
+            "log_all, which loads the rest and starts the bias at zero, or leave "
+            "--moe-router-enable-expert-bias off.") from error
+
+
 def null_expert_checkpoint_load(original):
     """Megatron's _load_base_checkpoint, then the checks of what it will load: a vocabulary
     padded to other rows, and optimizer state saved on the other expert path, across expert
     groups, or a distributed optimizer's state Megatron cannot load."""
     from megatron.core.optimizer import distrib_optimizer
+    from torch.distributed.checkpoint.api import CheckpointException
 
     def _load_base_checkpoint(load_dir, args, *more, **kwargs):
-        result = original(load_dir, args, *more, **kwargs)
+        try:
+            result = original(load_dir, args, *more, **kwargs)
+        except (KeyError, CheckpointException) as error:  # torch's wraps each rank's KeyError
+            refuse_missing_expert_bias(load_dir, error)
+            raise
         state_dict, _, release, _ = result
         if state_dict and state_dict.get("args") is not None:
             saved_args = state_dict["args"]

@@ -130,6 +130,25 @@ def test_sigmoid_scores_expert_bias_and_groups_train_save_and_resume_exactly(tmp
     assert bias.mean(dim=-1).abs().max() < 1e-6  # re-centred: the null bias sets the budget
 
 
+def test_the_bias_from_a_checkpoint_saved_without_it(tmp_path):
+    """Megatron's default strictness stops at the missing bias: one error line naming the
+    flag that starts it at zero, with which the run trains on."""
+    checkpoint = str(tmp_path / "checkpoint")
+    run_pretrain(tmp_path, "--train-iters", "1", "--save", checkpoint, "--save-interval", "1")
+    command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT,
+               "--train-iters", "2", "--load", checkpoint, "--moe-router-enable-expert-bias"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith(
+        "megatron_null_moe.pretrain_gpt: error: ")]
+    assert "has no per-expert bias" in line and "--dist-ckpt-strictness log_all" in line
+    output = run_pretrain(tmp_path, "--train-iters", "2", "--load", checkpoint,
+                          "--moe-router-enable-expert-bias", "--dist-ckpt-strictness", "log_all",
+                          "--override-opt_param-scheduler")
+    assert "per-expert bias on" in output and "iteration        2/" in output
+
+
 @pytest.mark.world_size(2)
 def test_expert_parallel_two_ranks_trains_saves_and_resumes_exactly(tmp_path):
     tensorboard = _resume_equals_uninterrupted(tmp_path, 2, "--expert-model-parallel-size", "2",
@@ -204,11 +223,12 @@ def test_capacity_drops_are_logged_apart_from_null_choices(tmp_path):
 
 def test_bad_flags_fail_at_start_up(tmp_path):
     command = [sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *TINY_GPT,
-               "--moe-router-score-function", "sigmoid", "--train-iters", "1"]
+               "--moe-router-score-function", "sqrtsoftplus", "--train-iters", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert result.returncode != 0
-    assert "--moe-router-score-function" in result.stderr and "allowed: 'softmax'" in result.stderr
+    assert "--moe-router-score-function" in result.stderr
+    assert "allowed: 'softmax', 'sigmoid'" in result.stderr
 
 
 def test_explicit_allgather_is_kept_with_its_warning(tmp_path):
