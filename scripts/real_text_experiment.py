@@ -28,12 +28,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-# name -> (top-K, rho, budget controller): every rho < 1 held at rho by the controller.
+EXPERT_BIAS = ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate"]
+SIGMOID = ["--moe-router-score-function", "sigmoid"]
+# name -> (top-K, rho, budget controller, flags over ROUTING's): every rho < 1 held at rho by
+# the controller. The ablations of K8 rho=0.5 change one thing each.
 CONFIGS = {
-    "K4_1.0": (4, 1.0, False),
-    "K8_1.0": (8, 1.0, False),
-    "K8_0.5": (8, 0.5, True),
-    "K16_0.25": (16, 0.25, True),
+    "K4_1.0": (4, 1.0, False, []),
+    "K8_1.0": (8, 1.0, False, []),
+    "K8_0.5": (8, 0.5, True, []),
+    "K16_0.25": (16, 0.25, True, []),
+    # The balance loss alone holds the budget (the paper's routing).
+    "K8_0.5-balance-loss-alone": (8, 0.5, False, []),
+    # The balance loss 5 times stronger; over each sequence instead of the global batch.
+    "K8_0.5-balance-1e-1": (8, 0.5, True, ["--moe-aux-loss-coeff", "1e-1"]),
+    "K8_0.5-sequence-balance": (8, 0.5, True, ["--moe-null-balance-scope", "sequence"]),
+    # No z-loss over the pool.
+    "K8_0.5-no-z-loss": (8, 0.5, True, ["--moe-z-loss-coeff", "0"]),
+    # The per-expert selection bias (softmax: in logits; sigmoid: in scores, at Megatron's
+    # rate), with null experts, and upstream's top-8 with sigmoid scores and the bias.
+    "K8_0.5-expert-bias": (8, 0.5, True, [*EXPERT_BIAS, "1e-2"]),
+    "K8_0.5-sigmoid-expert-bias": (8, 0.5, True, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
+    "K8_1.0-sigmoid-expert-bias": (8, 1.0, False, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
 }
 ARCHITECTURE = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
@@ -102,12 +117,12 @@ def common_arguments(options, run: Path, seed: int, iterations: int) -> list:
 
 
 def routing_arguments(name: str) -> list:
-    topk, rho, controller = CONFIGS[name]
+    topk, rho, controller, changed = CONFIGS[name]
     return [*ROUTING, "--moe-router-topk", str(topk), "--moe-null-expert-rho", str(rho),
-            *(["--moe-null-budget-controller"] if controller else [])]
+            *(["--moe-null-budget-controller"] if controller else []), *changed]
 
 
-def _train_once(run: Path, arguments: list, iterations: int) -> None:
+def _train_once(options, run: Path, arguments: list, iterations: int) -> None:
     """Train (or resume) the run unless it finished; its output appended to output.txt."""
     if (run / "done.json").exists():
         return
@@ -116,7 +131,8 @@ def _train_once(run: Path, arguments: list, iterations: int) -> None:
     with open(run / "output.txt", "a") as log:
         subprocess.run([sys.executable, "-m", "megatron_null_moe.pretrain_gpt", *arguments],
                        check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore"))
+                       env=dict(os.environ, OMP_NUM_THREADS=str(options.threads),
+                                PYTHONWARNINGS="ignore"))
     (run / "done.json").write_text(json.dumps(
         {"seconds_last_launch": round(time.time() - started), "iterations": iterations,
          "date": time.strftime("%Y-%m-%d")}))
@@ -126,7 +142,7 @@ def _train_once(run: Path, arguments: list, iterations: int) -> None:
 def dense_run(options, seed: int) -> Path:
     """The dense model the upcycled runs start from (FFN 256), trained once per seed."""
     run = options.output / "runs" / f"dense_seed{seed}"
-    _train_once(run, [*ARCHITECTURE, "--ffn-hidden-size", str(DENSE_FFN),
+    _train_once(options, run, [*ARCHITECTURE, "--ffn-hidden-size", str(DENSE_FFN),
                       *common_arguments(options, run, seed, options.dense_iterations)],
                 options.dense_iterations)
     return run
@@ -135,7 +151,7 @@ def dense_run(options, seed: int) -> Path:
 def upcycled_arguments(options, name: str, seed: int, run: Path) -> list:
     """Upcycle the seed's dense model into configuration ``name`` (once), and the flags
     that train on from it: the upcycler's model flags, then the routing's."""
-    topk, rho, controller = CONFIGS[name]
+    topk, rho, controller, _ = CONFIGS[name]
     upcycled = run / "upcycled"
     if not upcycled.exists():
         subprocess.run([
@@ -161,7 +177,7 @@ def train(options) -> None:
                 run = options.output / "runs" / f"{name}_seed{seed}"
                 arguments = [*ARCHITECTURE, *EXPERTS, *routing_arguments(name),
                              *common_arguments(options, run, seed, options.iterations)]
-            _train_once(run, arguments, options.iterations)
+            _train_once(options, run, arguments, options.iterations)
 
 
 # Token kinds by the piece's characters (SentencePiece's space mark and byte pieces decoded).
@@ -224,7 +240,7 @@ def load_checkpoint_model(checkpoint_dir: Path):
 
     directory = checkpoint.checkpoint_directory(checkpoint_dir)
     model = moe_model(directory, checkpoint.read_args(directory))
-    gpt = build_gpt_model(model.dense, model.moe)
+    gpt = build_gpt_model(model.dense, model.moe, router_settings=model.router_settings)
     loaded = dist_checkpointing.load({"model": checkpoint.sharded_state_dict(gpt)},
                                      str(directory))
     gpt.load_state_dict(loaded["model"], strict=False)
@@ -350,7 +366,7 @@ def analyse(options) -> None:
                         or run.name.startswith("dense")):
                     continue
                 gpt = load_checkpoint_model(run / "ckpt")
-                topk, rho, _ = CONFIGS[config_of(run)]
+                topk, rho, _, _ = CONFIGS[config_of(run)]
                 analysis = routing_analysis(route(gpt, tokens), tokens, pieces, topk)
                 analysis["ranks"] = rank_statistics(gpt, ranks, topk, rho, calibration)
                 target.write_text(json.dumps(analysis, indent=1))
@@ -416,9 +432,37 @@ def report(options) -> None:
             f"| {name} | {summary['iterations']} | {summary['train_loss_last_fifth']} | "
             f"{summary['validation_loss']} | {summary['real_experts_per_token']} | "
             f"{', '.join(map(str, summary['expert_load_max_over_mean_by_layer']))} |")
-    lines += ["", analysis_table(options)]
+    lines += ["", configuration_table(runs), "", analysis_table(options)]
     (options.output / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def configuration_table(runs: dict) -> str:
+    """Per configuration (its seeds together): the validation loss of each seed and their
+    mean, and the means over the seeds of the training loss, the real fraction per layer and
+    the busiest expert / mean per layer (training, last fifth)."""
+    by_configuration = {}
+    for name, summary in runs.items():
+        by_configuration.setdefault(name.rsplit("_seed", 1)[0], []).append(summary)
+    lines = ["| configuration | seeds | validation loss per seed (mean) | training loss, last "
+             "fifth (mean) | real fraction per layer | busiest expert / mean per layer |",
+             "|---" * 6 + "|"]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    for name, summaries in sorted(by_configuration.items()):
+        validation = [summary["validation_loss"] for summary in summaries]
+        per_layer = {key: [mean(layer) for layer in zip(*(summary[key] for summary in summaries))]
+                     for key in ("real_fraction_by_layer", "expert_load_max_over_mean_by_layer")}
+        lines.append(
+            f"| {name} | {len(summaries)} | {', '.join(f'{v:.3f}' for v in validation)} "
+            f"({mean(validation):.3f}) | "
+            f"{mean([summary['train_loss_last_fifth'] for summary in summaries]):.3f} | "
+            + ", ".join(f"{v:.3f}" for v in per_layer["real_fraction_by_layer"]) + " | "
+            + ", ".join(f"{v:.2f}" for v in per_layer["expert_load_max_over_mean_by_layer"])
+            + " |")
+    return "\n".join(lines)
 
 
 def analysis_table(options) -> str:
@@ -446,9 +490,20 @@ def analysis_table(options) -> str:
     return "\n".join(lines)
 
 
-# The scale model's configurations, from the runs of the same name.
-SCALE_CONFIGS = {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
-                 "null K8 rho=0.5": "K8_0.5"}
+# The scale model's configurations (its names) from the runs of these configurations, per
+# set of runs: from scratch, upcycled, and with the per-expert bias (softmax and sigmoid; the
+# upstream top-8 with its best balancing of the same kind).
+SCALE_SETS = {
+    "scratch": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
+                     "null K8 rho=0.5": "K8_0.5"}),
+    "upcycled": ("upcycled_", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
+                               "null K8 rho=0.5": "K8_0.5"}),
+    "expert-bias": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
+                         "null K8 rho=0.5": "K8_0.5-expert-bias"}),
+    "sigmoid-expert-bias": ("", {"upstream K8 rho=1": "K8_1.0-sigmoid-expert-bias",
+                                 "upstream K4 rho=1": "K4_1.0",
+                                 "null K8 rho=0.5": "K8_0.5-sigmoid-expert-bias"}),
+}
 
 
 def scale(options) -> None:
@@ -457,9 +512,10 @@ def scale(options) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import scale_model
 
+    prefix, scale_configs = SCALE_SETS[options.set]
     configs = {}
-    for name, config in SCALE_CONFIGS.items():
-        runs = sorted((options.output / "runs").glob(f"{options.prefix}{config}_seed*"))
+    for name, config in scale_configs.items():
+        runs = sorted((options.output / "runs").glob(f"{prefix}{config}_seed*"))
         analysed = [json.loads((run / "analysis.json").read_text()) for run in runs
                     if (run / "analysis.json").exists()]
         summaries = [run_summary(run) for run in runs if (run / "analysis.json").exists()]
@@ -467,7 +523,7 @@ def scale(options) -> None:
             continue
         ranks = [analysis["ranks"] for analysis in analysed]
         configs[name] = {
-            "run": f"{options.prefix}{config}", "seeds": len(ranks), "topk": ranks[0]["topk"],
+            "run": f"{prefix}{config}", "seeds": len(ranks), "topk": ranks[0]["topk"],
             "training_real_fraction_last_fifth": [
                 sum(layer) / len(layer) for layer in
                 zip(*(summary["real_fraction_by_layer"] for summary in summaries))],
@@ -486,7 +542,7 @@ def scale(options) -> None:
                 "machine": "this project's CPU machine (2 cores, no GPU)"},
         "configs": configs,
     }
-    suffix = f"_{options.prefix.strip('_')}" if options.prefix else ""
+    suffix = "" if options.set == "scratch" else f"_{options.set.replace('-', '_')}"
     target = options.output / f"scale_statistics{suffix}.json"
     target.write_text(json.dumps(statistics, indent=1) + "\n")
     print(f"wrote {target}")
@@ -504,13 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Replace a corpus that exists.")
     run = commands.add_parser("train", help="Train (or resume) each configuration and seed.")
     run.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
-                     help="Configurations, named K{top-K}_{rho}.")
+                     help="Configurations, named K{top-K}_{rho}, an ablation's change after "
+                          "a dash.")
     run.add_argument("--seeds", nargs="+", type=int, default=[1],
                      help="Seeds, each a run of every configuration.")
     run.add_argument("--iterations", type=int, default=1500,
                      help="Iterations of 2,048 tokens each run trains.")
     run.add_argument("--eval-interval", type=int, default=250,
                      help="Iterations between validations and checkpoints.")
+    run.add_argument("--threads", type=int, default=2,
+                     help="OMP_NUM_THREADS of each run (1 for two runs side by side on 2 "
+                          "cores).")
     run.add_argument("--upcycled", action="store_true",
                      help="Start each configuration from the seed's dense model (trained "
                           "first, --dense-iterations), upcycled with granularity 4.")
@@ -525,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "64 expert-parallel ranks.")
     scaled = commands.add_parser(
         "scale", help="Write the analysed runs' rank statistics for benchmarks/scale_model.py.")
-    scaled.add_argument("--prefix", default="", choices=["", "upcycled_"],
-                        help="Runs from scratch (the default) or the upcycled ones.")
+    scaled.add_argument("--set", default="scratch", choices=sorted(SCALE_SETS),
+                        help="Which runs: from scratch (the default), upcycled, or with the "
+                             "per-expert bias (softmax, or sigmoid against upstream top-8 "
+                             "with sigmoid scores and the bias).")
     scaled.add_argument("--rank-sequences", type=int, default=16,
                         help="Sequences of 256 tokens per rank that analyse routed.")
     commands.add_parser("report", help="Write report.md and report.json from the runs.")
