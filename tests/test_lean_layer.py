@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from builders import build_moe_layer, moe_config, named_expert_tensors
 from megatron_null_moe import NullExpertConfig, with_null_experts
+from megatron_null_moe.expert_bias import update_expert_biases
 from megatron_null_moe.host_syncs import count_sync_ops
 from megatron_null_moe.lean import grouped_gemm
 from megatron_null_moe.lean.support import validate_lean_layer
@@ -186,14 +187,23 @@ def test_worst_case_buffer_never_reads_back_to_the_host_real_rows_once(parallel_
     assert "TensorBase.tolist" in calls["auto"]  # the counter does see Megatron's reads
 
 
-def test_whole_lean_layer_never_reads_back_to_the_host(parallel_state):
+@pytest.mark.parametrize("routing", [{}, dict(
+    moe_router_score_function="sigmoid", moe_router_num_groups=4, moe_router_group_topk=2)],
+    ids=["softmax", "sigmoid-bias-groups"])
+def test_whole_lean_layer_never_reads_back_to_the_host(parallel_state, routing):
     """Worst-case buffer, router included (training mode: losses and statistics), forward
-    and backward."""
-    layer = build_moe_layer(moe_config(), real_fraction=0.5, expert_path="lean",
-                            lean_buffer="worst-case")
+    and backward; with sigmoid scores, the per-expert bias and groups too, and the bias's
+    update from the step's host counts."""
+    layer = build_moe_layer(moe_config(**routing), real_fraction=0.5, expert_path="lean",
+                            lean_buffer="worst-case",
+                            expert_bias_rate=1e-2 if routing else None)
     layer.train()
     hidden = torch.randn(10, 2, 16, requires_grad=True)
     assert count_sync_ops(lambda: layer(hidden)[0].sum().backward()) == []
+    if routing:
+        counts = {1: torch.arange(8, dtype=torch.float64)}  # host counts, as the monitor has
+        assert count_sync_ops(lambda: update_expert_biases([layer.router], counts)) == []
+        assert layer.router.expert_bias.any()
 
 
 def test_buffer_rows_real_on_the_cpu_and_worst_case_on_a_gpu_by_default(parallel_state):
