@@ -73,7 +73,7 @@ ARGUMENT_DUMP = "------------------------ arguments ------------------------"
     (["--sft"], "--sft (supervised fine-tuning datasets) is not carried by this entry point",
      True),
     # A Megatron option the plugin cannot honour is known once Megatron built its config.
-    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function", False),
+    (["--moe-router-score-function", "sqrtsoftplus"], "--moe-router-score-function", False),
 ])
 def test_entry_point_refuses_a_flag_in_one_line_before_the_model(flags, named,
                                                                  before_megatrons_arguments):
