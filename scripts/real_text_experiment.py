@@ -491,13 +491,15 @@ def analysis_table(options) -> str:
 
 
 # The scale model's configurations (its names) from the runs of these configurations, per
-# set of runs: from scratch, upcycled, and with the per-expert bias (softmax and sigmoid; the
-# upstream top-8 with its best balancing of the same kind).
+# set of runs: from scratch, upcycled, with a 5x balance loss, and with the per-expert bias
+# (softmax and sigmoid; the upstream top-8 with its best balancing of the same kind).
 SCALE_SETS = {
     "scratch": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
                      "null K8 rho=0.5": "K8_0.5"}),
     "upcycled": ("upcycled_", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
                                "null K8 rho=0.5": "K8_0.5"}),
+    "balance-1e-1": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
+                          "null K8 rho=0.5": "K8_0.5-balance-1e-1"}),
     "expert-bias": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
                          "null K8 rho=0.5": "K8_0.5-expert-bias"}),
     "sigmoid-expert-bias": ("", {"upstream K8 rho=1": "K8_1.0-sigmoid-expert-bias",
@@ -586,9 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaled = commands.add_parser(
         "scale", help="Write the analysed runs' rank statistics for benchmarks/scale_model.py.")
     scaled.add_argument("--set", default="scratch", choices=sorted(SCALE_SETS),
-                        help="Which runs: from scratch (the default), upcycled, or with the "
-                             "per-expert bias (softmax, or sigmoid against upstream top-8 "
-                             "with sigmoid scores and the bias).")
+                        help="Which runs: from scratch (the default), upcycled, K8 rho=0.5 "
+                             "with the balance loss at 1e-1, or with the per-expert bias "
+                             "(softmax, or sigmoid against upstream top-8 with sigmoid scores "
+                             "and the bias).")
     scaled.add_argument("--rank-sequences", type=int, default=16,
                         help="Sequences of 256 tokens per rank that analyse routed.")
     commands.add_parser("report", help="Write report.md and report.json from the runs.")
