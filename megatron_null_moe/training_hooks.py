@@ -38,9 +38,9 @@ import torch
 
 from megatron_null_moe.arguments import DISPATCHER_CHOSEN, expert_path_of
 from megatron_null_moe.budget import budget_controlled, update_null_budgets
-from megatron_null_moe.expert_bias import update_expert_biases
 from megatron_null_moe.cli import environment_line
 from megatron_null_moe.config import NullExpertConfig
+from megatron_null_moe.expert_bias import update_expert_biases
 from megatron_null_moe.metrics import RoutingStatistics, expert_load_figures, null_expert_routers
 from megatron_null_moe.process_groups import free_port, is_rank_zero
 from megatron_null_moe.traffic import (
@@ -617,8 +617,8 @@ def refuse_missing_expert_bias(load_dir, error: BaseException) -> None:
     default strictness stops at the missing key; say which flag starts the bias at zero."""
     if "router.expert_bias from model not in state dict" in str(error):
         raise CheckpointRefusal(
-            f"--load {load_dir} has no per-expert bias (router.expert_bias: it was saved "
-            "without --moe-router-enable-expert-bias); allowed: --dist-ckpt-strictness "
+            f"the checkpoint {load_dir} has no per-expert bias (router.expert_bias: it was "
+            "saved without --moe-router-enable-expert-bias); allowed: --dist-ckpt-strictness "
             "log_all, which loads the rest and starts the bias at zero, or leave "
             "--moe-router-enable-expert-bias off.") from error
 
