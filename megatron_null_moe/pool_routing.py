@@ -62,34 +62,25 @@ def limit_to_groups(real_keys_TN: torch.Tensor, topk: int, num_groups: int, grou
     return real_keys_TN.masked_fill(outside_TGE.reshape(num_tokens, num_experts), float("-inf"))
 
 
-def select_pool_slots(real_logits_TN: torch.Tensor, null_logit_T: Optional[torch.Tensor],
-                      num_null_copies: int, topk: int,
-                      null_selection_bias: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-K over the N + M pool without materialising the M copies.
+def select_pool_slots(real_keys_TN: torch.Tensor, null_key_T: Optional[torch.Tensor],
+                      num_null_copies: int, topk: int) -> torch.Tensor:
+    """Top-K over the N + M pool without materialising the M copies: [T, K] int64, the
+    selected real expert index, or N for a null slot, best first.
 
-    Ties break deterministically towards the lower pool index: real experts before null
-    copies, lower expert index first (a stable sort, not torch.topk's unspecified order).
-    The inputs are the keys compared (selection_keys; logits for the paper's softmax);
-    null_selection_bias (scalar) is added to the null key for the choice only.
-
-    Returns:
-        slot_keys_TK: keys of the selected slots, best first, in selection_dtype.
-        slot_experts_TK (int64): selected real expert index, or N for a null slot.
+    The inputs are the keys compared (selection_keys: biases already added). Ties break
+    deterministically towards the lower pool index: real experts before null copies, lower
+    expert index first (a stable sort, not torch.topk's unspecified order).
     """
-    num_tokens, num_experts = real_logits_TN.shape
-    candidates = real_logits_TN.to(selection_dtype(real_logits_TN.dtype))
+    num_tokens, num_experts = real_keys_TN.shape
+    candidates = real_keys_TN.to(selection_dtype(real_keys_TN.dtype))
     null_columns = min(topk, num_null_copies)
     if null_columns > 0:
-        null_T = null_logit_T.to(candidates.dtype)
-        if null_selection_bias is not None:
-            null_T = null_T + null_selection_bias.to(candidates.dtype)
+        null_T = null_key_T.to(candidates.dtype)
         candidates = torch.cat(
             [candidates, null_T.unsqueeze(-1).expand(num_tokens, null_columns)], dim=-1
         )
-    sorted_keys, sorted_index = torch.sort(candidates, dim=-1, descending=True, stable=True)
-    slot_experts_TK = sorted_index[:, :topk].clamp(max=num_experts)
-    return sorted_keys[:, :topk], slot_experts_TK
+    sorted_index = torch.sort(candidates, dim=-1, descending=True, stable=True).indices
+    return sorted_index[:, :topk].clamp(max=num_experts)
 
 
 def renormalised_real_weights(slot_logits_TK: torch.Tensor, slot_is_real_TK: torch.Tensor
@@ -191,7 +182,7 @@ def route_with_null_experts(real_logits_TN: torch.Tensor, null_logit_T: Optional
     real_keys_TN = real_keys_TN.masked_fill(~finite_T.unsqueeze(-1), 0.0)
     if null_key_T is not None:
         null_key_T = null_key_T.masked_fill(~finite_T, float("-inf"))
-    _, slot_experts_TK = select_pool_slots(real_keys_TN, null_key_T, num_null_copies, topk)
+    slot_experts_TK = select_pool_slots(real_keys_TN, null_key_T, num_null_copies, topk)
     weights_TK = real_slot_weights(real_logits_TN, null_logit_T, slot_experts_TK,
                                    score_function)
     weights_TK = weights_TK.masked_fill(~finite_T.unsqueeze(-1), float("nan"))

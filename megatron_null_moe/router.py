@@ -257,7 +257,7 @@ class NullExpertRouter(TopKRouter):
                 # loss counts the slots the router's own scores choose over the whole pool, as
                 # in the paper and as upstream counts for its loss, so loss and biases do not
                 # pull against each other.
-                _, slot_experts = select_pool_slots(
+                slot_experts = select_pool_slots(
                     *selection_keys(grouped[:, : self.num_experts], null_logit,
                                     self.score_function),
                     self.num_null_copies, self.topk)

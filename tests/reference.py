@@ -10,20 +10,9 @@ def materialise_pool(real_logits_TN, null_logit_T, num_null_copies):
 
 
 def reference_route(real_logits_TN, null_logit_T, num_null_copies, topk):
-    """Paper steps 2-4 on the materialised pool; ties to the lower pool index."""
-    num_tokens, num_experts = real_logits_TN.shape
-    pool = materialise_pool(real_logits_TN, null_logit_T, num_null_copies).double()
-    order = torch.sort(pool, dim=-1, descending=True, stable=True).indices[:, :topk]
-    pool_probs = torch.softmax(pool, dim=-1)
-    probs = torch.zeros(num_tokens, num_experts, dtype=torch.float64)
-    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
-    for t in range(num_tokens):
-        real = [int(i) for i in order[t] if i < num_experts]
-        total = sum(pool_probs[t, i] for i in real)
-        for i in real:
-            probs[t, i] = pool_probs[t, i] / total
-            routing_map[t, i] = True
-    return probs, routing_map, order
+    """Paper steps 2-4 on the materialised pool (softmax, no biases, no groups); ties to the
+    lower pool index."""
+    return reference_route_with_options(real_logits_TN, null_logit_T, num_null_copies, topk)
 
 
 def reference_balance_loss(real_logits_TN, null_logit_T, num_null_copies, topk, coeff):

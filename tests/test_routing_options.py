@@ -128,7 +128,7 @@ def test_sigmoid_balance_and_z_loss_and_gradients_equal_materialised_pool(
     null_arg = leaves[1] if num_null else None
     keys = selection_keys(leaves[0].detach(), None if null_arg is None else null.clone(),
                           "sigmoid")
-    _, slots = select_pool_slots(*keys, num_null, topk)
+    slots = select_pool_slots(*keys, num_null, topk)
     counts = grouped_slot_counts(slots, num_experts, num_null).sum(0)
     loss = pool_load_balancing_loss(
         grouped_pool_sigmoid_probs(leaves[0], null_arg, num_null), counts, 48, topk,
