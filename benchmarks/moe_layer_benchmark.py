@@ -194,7 +194,7 @@ def hold_budget(router, hidden_SBH) -> float:
     with torch.no_grad():
         bias = calibrate_null_offset(inputs_TH, router.weight, router.null_weight,
                                      router.num_null_copies, router.topk,
-                                     router.target_real_fraction)
+                                     router.target_real_fraction, **router.selection_options)
         router.null_selection_bias.fill_(bias)
     router.null_bias_in_use = True  # as after a controller step: the losses see no bias
     return bias

@@ -176,7 +176,8 @@ def hold_budget(gpt, batches, target: float, model_inputs=None) -> None:
     """Set every layer's null selection bias so that its realised real fraction on
     ``batches`` is ``target``, as the budget controller holds it on average during training
     (the last step's bias carries that step's error). Layer by layer, since a layer's
-    inputs depend on the routing before it; calibrate_null_offset bisects the offset.
+    inputs depend on the routing before it; calibrate_null_offset bisects the offset on the
+    router's own selection (its score function, per-expert bias and group limit).
     model_inputs: a batch to the model's forward arguments (default: the demo's batches)."""
     from megatron_null_moe.metrics import null_expert_routers
     from megatron_null_moe.upcycle.router_init import calibrate_null_offset
@@ -192,7 +193,8 @@ def hold_budget(gpt, batches, target: float, model_inputs=None) -> None:
                 gpt(*(model_inputs or _model_inputs)(batch))
         hook.remove()
         offset = calibrate_null_offset(torch.cat(inputs), router.weight, router.null_weight,
-                                       router.num_null_copies, router.topk, target)
+                                       router.num_null_copies, router.topk, target,
+                                       **router.selection_options)
         router.null_selection_bias.fill_(offset)
 
 

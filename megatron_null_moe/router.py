@@ -213,6 +213,14 @@ class NullExpertRouter(TopKRouter):
             if param is not None:
                 param.data = param.data.to(device=device)
 
+    @property
+    def selection_options(self) -> dict:
+        """route_with_null_experts' options this router selects with besides the null bias:
+        score function, per-expert bias, group limit."""
+        return dict(score_function=self.score_function, expert_bias=self.expert_bias,
+                    num_groups=self.config.moe_router_num_groups,
+                    group_topk=self.config.moe_router_group_topk)
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route [S, B, G] logits; returns probs and routing_map over the N real experts.
 
@@ -236,9 +244,7 @@ class NullExpertRouter(TopKRouter):
             grouped[:, : self.num_experts], null_logit, self.num_null_copies, self.topk,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             null_selection_bias=getattr(self, "null_selection_bias", None),
-            score_function=self.score_function, expert_bias=self.expert_bias,
-            num_groups=self.config.moe_router_num_groups,
-            group_topk=self.config.moe_router_group_topk,
+            **self.selection_options,
         )
         probs = probs.to(logits.dtype)
         chosen_map = routing_map

@@ -163,6 +163,23 @@ def test_calibrated_offset_starts_near_rho_and_null_row_alone_does_not(
         pytest.approx(rho, abs=0.03)
 
 
+def test_calibrated_offset_holds_rho_on_the_routers_own_selection():
+    # Sigmoid scores with a per-expert bias larger than the scores' spread and a group limit:
+    # the offset found on that selection holds rho on it; the softmax offset does not.
+    generator = torch.Generator().manual_seed(0)
+    real_rows = torch.empty(64, 32).normal_(0.0, 0.02, generator=generator)
+    null_row = real_rows.mean(dim=0, keepdim=True)
+    inputs = torch.empty(4096, 32).normal_(generator=generator)
+    bias = torch.empty(64).uniform_(-0.05, 0.05, generator=generator)
+    options = dict(score_function="sigmoid", expert_bias=bias, num_groups=8, group_topk=4)
+    offset = calibrate_null_offset(inputs, real_rows, null_row, 64, 8, 0.5, **options)
+    assert real_fraction(inputs, real_rows, null_row, 64, 8, offset, **options) == \
+        pytest.approx(0.5, abs=0.005)
+    softmax_offset = calibrate_null_offset(inputs, real_rows, null_row, 64, 8, 0.5)
+    assert abs(real_fraction(inputs, real_rows, null_row, 64, 8, softmax_offset, **options)
+               - 0.5) > 0.03
+
+
 @pytest.mark.parametrize("num_experts,granularity,topk,copies", [
     (64, 4, 8, 64),  # the paper's setting: whole groups
     (4, 2, 2, 4),    # the tests' PAPER_LIKE: whole groups

@@ -51,33 +51,45 @@ def proxy_router_inputs(norm_weight_H: torch.Tensor, num_tokens: int,
 
 def real_fraction(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
                   null_weight_1H: torch.Tensor, num_null_copies: int, topk: int,
-                  null_offset: float = 0.0) -> float:
+                  null_offset: float = 0.0, **selection_options) -> float:
     """Realised real fraction: mean over tokens of (real experts chosen) / K, with the
-    null logit raised by ``null_offset`` for the choice (fp32, as the router computes)."""
+    null logit raised by ``null_offset`` for the choice (fp32, as the router computes).
+    selection_options: route_with_null_experts' score function, per-expert bias and group
+    limit (a router's ``selection_options``); default softmax, neither."""
     real_logits = inputs_TH.float() @ real_weight_NH.float().t()
-    null_logit = (inputs_TH.float() @ null_weight_1H.float().t()).squeeze(-1) + null_offset
-    _, routing_map, _ = route_with_null_experts(real_logits, null_logit, num_null_copies, topk)
+    null_logit = (inputs_TH.float() @ null_weight_1H.float().t()).squeeze(-1)
+    _, routing_map, _ = route_with_null_experts(
+        real_logits, null_logit, num_null_copies, topk,
+        null_selection_bias=torch.tensor(null_offset), **selection_options)
     return float(routing_map.sum(dim=-1).float().mean()) / topk
 
 
 def calibrate_null_offset(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
                           null_weight_1H: torch.Tensor, num_null_copies: int, topk: int,
-                          target: float, iterations: int = 60) -> float:
+                          target: float, iterations: int = 60, **selection_options) -> float:
     """Offset b with real_fraction(..., b) closest to ``target`` (bisection; the fraction
-    falls as b grows, in steps, so the result is within one step of the target)."""
+    falls as b grows, in steps, so the result is within one step of the target). The
+    bracket starts at the spread of real logits minus null logit and widens until it holds
+    the target (a per-expert bias moves the keys beyond that spread)."""
+    def fraction(offset):
+        return real_fraction(inputs_TH, real_weight_NH, null_weight_1H, num_null_copies, topk,
+                             offset, **selection_options)
+
     real_logits = inputs_TH.float() @ real_weight_NH.float().t()
     null_logit = (inputs_TH.float() @ null_weight_1H.float().t()).squeeze(-1)
     gaps = real_logits - null_logit.unsqueeze(-1)
     low, high = float(gaps.min()) - 1.0, float(gaps.max()) + 1.0  # fraction max, fraction min
+    for _ in range(16):
+        if fraction(low) >= target and fraction(high) <= target:
+            break
+        width = high - low
+        low, high = low - width, high + width
     for _ in range(iterations):
         middle = (low + high) / 2
-        fraction = real_fraction(inputs_TH, real_weight_NH, null_weight_1H, num_null_copies,
-                                 topk, middle)
-        if fraction > target:
+        if fraction(middle) > target:
             low = middle
         else:
             high = middle
     candidates = (low, high)
-    errors = [abs(real_fraction(inputs_TH, real_weight_NH, null_weight_1H, num_null_copies,
-                                topk, b) - target) for b in candidates]
+    errors = [abs(fraction(b) - target) for b in candidates]
     return candidates[errors.index(min(errors))]
