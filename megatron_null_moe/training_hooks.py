@@ -71,6 +71,10 @@ class NullExpertMonitor:
         self._interval_assignments = None
         self.expert_assignments = None
         self._assignments_iteration = None
+        # (layer, figure) -> [sum, steps] of each step's load figures since the last log
+        # interval ended, and their means over the last one.
+        self._interval_step_figures: Dict[tuple, list] = {}
+        self.step_load_figures: Dict[int, Dict[str, float]] = {}
         self._dispatcher_traffic: Dict[int, AllToAllTraffic] = {}  # the layers' counters
         self._interval_traffic: Dict[int, AllToAllTraffic] = {}  # training steps since a log
         self._interval_steps = 0
@@ -148,22 +152,35 @@ class NullExpertMonitor:
             self._add_step_traffic(args, num_layers)
 
     def _add_step_assignments(self, args, assignments: torch.Tensor) -> None:
-        """Add this step's real assignments per expert [layers, N] (host); at a log
-        iteration, keep the interval's sum for the log."""
+        """Add this step's real assignments per expert [layers, N] (host) and its load
+        figures; at a log iteration, keep the interval's sum and the figures' means."""
         if self._interval_assignments is None:
             self._interval_assignments = torch.zeros_like(assignments)
         self._interval_assignments += assignments
+        for index, row in enumerate(assignments):
+            for name, value in expert_load_figures(row, args.expert_model_parallel_size).items():
+                total = self._interval_step_figures.setdefault((index + 1, name), [0.0, 0])
+                total[0] += value
+                total[1] += 1
         if (args.curr_iteration + 1) % args.log_interval == 0:
             self.expert_assignments, self._interval_assignments = self._interval_assignments, None
             self._assignments_iteration = args.curr_iteration
+            self.step_load_figures = {}
+            for (layer, name), (total, steps) in self._interval_step_figures.items():
+                self.step_load_figures.setdefault(layer, {})[f"{name}_per_step"] = total / steps
+            self._interval_step_figures = {}
 
     def interval_load_figures(self, args) -> Dict[int, Dict[str, float]]:
         """Global layer number -> expert_load_figures over the log interval that ended at this
-        step (real assignments summed over its steps and all ranks); {} at other steps."""
+        step (real assignments summed over its steps and all ranks), and each figure of every
+        step's own assignments, averaged over the interval's steps (``..._per_step``: what a
+        step waits for, which a selection bias that moves every step can hide from the sum);
+        {} at other steps."""
         if self.expert_assignments is None or self._assignments_iteration != args.curr_iteration:
             return {}
         expert_parallel = args.expert_model_parallel_size
-        return {index + 1: figures for index, row in enumerate(self.expert_assignments)
+        return {index + 1: {**figures, **self.step_load_figures.get(index + 1, {})}
+                for index, row in enumerate(self.expert_assignments)
                 if (figures := expert_load_figures(row, expert_parallel))}
 
     def _add_step_traffic(self, args, num_layers: int) -> None:
@@ -343,9 +360,11 @@ def log_line_values(monitor: NullExpertMonitor, args) -> Dict[str, float]:
     return values
 
 
-# The load figures of expert_load_figures on the log line: the worst MoE layer's.
+# The load figures of interval_load_figures on the log line: the worst MoE layer's.
 LOAD_LOG_LINE = {"expert_load_max_over_mean": "null busiest expert / mean",
-                 "ep_rank_load_max_over_mean": "null busiest EP rank / mean"}
+                 "ep_rank_load_max_over_mean": "null busiest EP rank / mean",
+                 "expert_load_max_over_mean_per_step": "null busiest expert / mean per step",
+                 "ep_rank_load_max_over_mean_per_step": "null busiest EP rank / mean per step"}
 
 
 def worst_layer_load_values(figures_by_layer: Dict[int, Dict[str, float]]) -> Dict[str, float]:

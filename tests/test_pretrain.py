@@ -78,7 +78,7 @@ def _resume_equals_uninterrupted(tmp_path, nproc, *parallel):
     assert first["null_moe/budget_bias_layer_01"][4] != 0  # the controller has moved it
     for tag in ("lm loss", "null real fraction", "null zero-real tokens", "null budget bias",
                 "null_moe/budget_bias_layer_01", "null_moe/budget_bias_layer_02",
-                "null busiest expert / mean"):
+                "null busiest expert / mean", "null busiest expert / mean per step"):
         for step in (4, 5, 6):
             assert second[tag][step] == pytest.approx(first[tag][step], rel=1e-5, abs=1e-7), (
                 tag, step)
@@ -88,9 +88,11 @@ def _resume_equals_uninterrupted(tmp_path, nproc, *parallel):
 def _assert_load_figures(tensorboard, expert_parallel_size=1):
     """Per layer and step, the busiest expert over the mean (>= 1), the log line's worst
     layer, and under EP the busiest EP rank over the mean, at most the expert figure."""
-    figures = {"expert_load_max_over_mean": "null busiest expert / mean"}
+    figures = {"expert_load_max_over_mean": "null busiest expert / mean",
+               "expert_load_max_over_mean_per_step": "null busiest expert / mean per step"}
     if expert_parallel_size > 1:
         figures["ep_rank_load_max_over_mean"] = "null busiest EP rank / mean"
+        figures["ep_rank_load_max_over_mean_per_step"] = "null busiest EP rank / mean per step"
     for figure, line in figures.items():
         layers = [tensorboard[f"null_moe/{figure}_layer_{layer}"] for layer in ("01", "02")]
         assert sorted(tensorboard[line]) == sorted(layers[0]) == sorted(layers[1])
@@ -179,6 +181,8 @@ def test_upstream_comparable_run_logs_the_expert_load_over_the_log_interval(tmp_
     (line,) = [line for line in output.splitlines() if "iteration        2/" in line]
     printed = float(line.split("null busiest expert / mean: ")[1].split(" ")[0])
     assert printed == pytest.approx(logged["null busiest expert / mean"][2], rel=1e-6)
+    per_step = float(line.split("null busiest expert / mean per step: ")[1].split(" ")[0])
+    assert per_step == pytest.approx(logged["null busiest expert / mean per step"][2], rel=1e-6)
 
 
 def test_real_fraction_tracks_target(tmp_path):

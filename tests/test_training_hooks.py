@@ -1,6 +1,8 @@
 """null_expert_training(): Megatron's loop hooked once, and restored after; the expert load
 figures, from the router's counts over all ranks to the log line."""
 
+from types import SimpleNamespace
+
 import megatron.training.training as training
 import pytest
 import torch
@@ -13,6 +15,7 @@ from megatron_null_moe.metrics import (
     load_max_over_mean,
 )
 from megatron_null_moe.training_hooks import (
+    NullExpertMonitor,
     collect_layer_counters,
     null_expert_training,
     print_as_is,
@@ -86,6 +89,30 @@ def test_worst_layer_on_the_log_line_printed_as_is():
     print_as_is(total_loss_dict, {"null busiest expert / mean": 1.5}, skipped_iter=0)
     assert "null busiest EP rank / mean" not in total_loss_dict  # none this interval
     assert float(total_loss_dict["null busiest expert / mean"]) / (3 + 1) == 1.5
+
+
+def test_per_step_figures_show_the_swing_that_the_interval_sum_hides():
+    """A selection bias that moves every step can even out the sum over the log interval
+    while each step is uneven; the ..._per_step figures average each step's own figure. A
+    step in which a layer routed nothing real has no figure and is not counted."""
+    monitor = NullExpertMonitor()
+    args = SimpleNamespace(log_interval=2, expert_model_parallel_size=2, curr_iteration=0)
+    monitor._add_step_assignments(args, torch.tensor([[3.0, 3, 1, 1], [0, 0, 0, 0]]))
+    assert monitor.interval_load_figures(args) == {}  # not a log iteration
+    args.curr_iteration = 1
+    monitor._add_step_assignments(args, torch.tensor([[1.0, 1, 3, 3], [2, 0, 0, 2]]))
+    figures = monitor.interval_load_figures(args)
+    assert figures[1] == {"expert_load_max_over_mean": 1.0, "ep_rank_load_max_over_mean": 1.0,
+                          "expert_load_max_over_mean_per_step": 1.5,
+                          "ep_rank_load_max_over_mean_per_step": 1.5}
+    assert figures[2] == {"expert_load_max_over_mean": 2.0, "ep_rank_load_max_over_mean": 1.0,
+                          "expert_load_max_over_mean_per_step": 2.0,
+                          "ep_rank_load_max_over_mean_per_step": 1.0}
+    assert worst_layer_load_values(figures)["null busiest expert / mean per step"] == 2.0
+    # The next interval starts afresh.
+    args.curr_iteration = 3
+    monitor._add_step_assignments(args, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert monitor.interval_load_figures(args)[2]["expert_load_max_over_mean_per_step"] == 1.0
 
 
 def _train_on(layer, inputs):
