@@ -66,11 +66,12 @@ class NullExpertMonitor:
         self._routers: Dict[int, torch.nn.Module] = {}
         self._iteration = None
         self.counters = None  # [layers, K+5] on the host, see collect_layer_counters
-        # [layers, N] real assignments per expert on the host: since the last log interval
-        # ended, and over the last one (with the step that ended it).
-        self._interval_assignments = None
-        self.expert_assignments = None
-        self._assignments_iteration = None
+        # [layers, K+5+N] counters on the host (collect_layer_counters), the real assignments
+        # per expert among them: summed since the last log interval ended, and over the last
+        # one (with the step that ended it).
+        self._interval_counters = None
+        self.interval_counters = None
+        self._interval_iteration = None
         # (layer, figure) -> [sum, steps] of each step's load figures since the last log
         # interval ended, and their means over the last one.
         self._interval_step_figures: Dict[tuple, list] = {}
@@ -143,7 +144,7 @@ class NullExpertMonitor:
         self.counters = counters[:, :topk + 5]
         self._iteration = args.curr_iteration
         assignments = counters[:, topk + 5:]
-        self._add_step_assignments(args, assignments)
+        self._add_step_counters(args, counters)
         if self.controlled:
             update_null_budgets(self.routers, self.layer_statistics(args))
         update_expert_biases(self.routers, {index + 1: row for index, row in
@@ -151,20 +152,20 @@ class NullExpertMonitor:
         if args.expert_model_parallel_size > 1 and args.moe_token_dispatcher_type == "alltoall":
             self._add_step_traffic(args, num_layers)
 
-    def _add_step_assignments(self, args, assignments: torch.Tensor) -> None:
-        """Add this step's real assignments per expert [layers, N] (host) and its load
-        figures; at a log iteration, keep the interval's sum and the figures' means."""
-        if self._interval_assignments is None:
-            self._interval_assignments = torch.zeros_like(assignments)
-        self._interval_assignments += assignments
-        for index, row in enumerate(assignments):
+    def _add_step_counters(self, args, counters: torch.Tensor) -> None:
+        """Add this step's counters [layers, K+5+N] (host) and its load figures; at a log
+        iteration, keep the interval's sums and the figures' means."""
+        if self._interval_counters is None:
+            self._interval_counters = torch.zeros_like(counters)
+        self._interval_counters += counters
+        for index, row in enumerate(counters[:, args.moe_router_topk + 5:]):
             for name, value in expert_load_figures(row, args.expert_model_parallel_size).items():
                 total = self._interval_step_figures.setdefault((index + 1, name), [0.0, 0])
                 total[0] += value
                 total[1] += 1
         if (args.curr_iteration + 1) % args.log_interval == 0:
-            self.expert_assignments, self._interval_assignments = self._interval_assignments, None
-            self._assignments_iteration = args.curr_iteration
+            self.interval_counters, self._interval_counters = self._interval_counters, None
+            self._interval_iteration = args.curr_iteration
             self.step_load_figures = {}
             for (layer, name), (total, steps) in self._interval_step_figures.items():
                 self.step_load_figures.setdefault(layer, {})[f"{name}_per_step"] = total / steps
@@ -176,12 +177,26 @@ class NullExpertMonitor:
         step's own assignments, averaged over the interval's steps (``..._per_step``: what a
         step waits for, which a selection bias that moves every step can hide from the sum);
         {} at other steps."""
-        if self.expert_assignments is None or self._assignments_iteration != args.curr_iteration:
+        if self.interval_counters is None or self._interval_iteration != args.curr_iteration:
             return {}
         expert_parallel = args.expert_model_parallel_size
+        assignments = self.interval_counters[:, args.moe_router_topk + 5:]
         return {index + 1: {**figures, **self.step_load_figures.get(index + 1, {})}
-                for index, row in enumerate(self.expert_assignments)
+                for index, row in enumerate(assignments)
                 if (figures := expert_load_figures(row, expert_parallel))}
+
+    def interval_layer_statistics(self, args) -> Dict[int, RoutingStatistics]:
+        """Global layer number -> the statistics over the log interval that ended at this step
+        (all its steps' tokens together: whether each layer holds the budget on average,
+        which one step of a small batch cannot say); {} at other steps."""
+        if self.interval_counters is None or self._interval_iteration != args.curr_iteration:
+            return {}
+        statistics = {}
+        for index, row in enumerate(self.interval_counters[:, :args.moe_router_topk + 5]):
+            layer = statistics_from_counters(row, self._target(args))
+            if layer.num_tokens:
+                statistics[index + 1] = layer
+        return statistics
 
     def _add_step_traffic(self, args, num_layers: int) -> None:
         """Add this step's all-to-all bytes; at a log iteration, collect them over all ranks."""
@@ -444,6 +459,10 @@ def null_expert_training_log(original, monitor: NullExpertMonitor):
         if writer is not None and iteration % args.log_interval == 0 and values:
             for layer, scalars in layer_scalars(monitor, args).items():
                 for name, value in scalars.items():
+                    writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
+            for layer, statistics in monitor.interval_layer_statistics(args).items():
+                for name, value in (("interval_real_fraction", statistics.real_fraction),
+                                    ("real_logit_spread", statistics.real_logit_spread)):
                     writer.add_scalar(f"null_moe/{name}_layer_{layer:02d}", value, iteration)
         if writer is not None:
             for key, value in load_values.items():

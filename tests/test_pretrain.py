@@ -78,7 +78,8 @@ def _resume_equals_uninterrupted(tmp_path, nproc, *parallel):
     assert first["null_moe/budget_bias_layer_01"][4] != 0  # the controller has moved it
     for tag in ("lm loss", "null real fraction", "null zero-real tokens", "null budget bias",
                 "null_moe/budget_bias_layer_01", "null_moe/budget_bias_layer_02",
-                "null busiest expert / mean", "null busiest expert / mean per step"):
+                "null busiest expert / mean", "null busiest expert / mean per step",
+                "null_moe/interval_real_fraction_layer_01", "null_moe/real_logit_spread_layer_02"):
         for step in (4, 5, 6):
             assert second[tag][step] == pytest.approx(first[tag][step], rel=1e-5, abs=1e-7), (
                 tag, step)

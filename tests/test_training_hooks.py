@@ -91,16 +91,32 @@ def test_worst_layer_on_the_log_line_printed_as_is():
     assert float(total_loss_dict["null busiest expert / mean"]) / (3 + 1) == 1.5
 
 
+def _counters(histograms, assignments):
+    """[layers, K+5+N] counters (collect_layer_counters) of K+1-column real-expert
+    histograms and N-column real assignments per expert, the other columns zero."""
+    histograms = torch.tensor(histograms, dtype=torch.float64)
+    zeros = torch.zeros(len(histograms), 4, dtype=torch.float64)
+    return torch.cat([histograms, zeros, torch.tensor(assignments, dtype=torch.float64)], 1)
+
+
 def test_per_step_figures_show_the_swing_that_the_interval_sum_hides():
     """A selection bias that moves every step can even out the sum over the log interval
     while each step is uneven; the ..._per_step figures average each step's own figure. A
-    step in which a layer routed nothing real has no figure and is not counted."""
+    step in which a layer routed nothing real has no figure and is not counted. The
+    interval's statistics count all its steps' tokens."""
     monitor = NullExpertMonitor()
-    args = SimpleNamespace(log_interval=2, expert_model_parallel_size=2, curr_iteration=0)
-    monitor._add_step_assignments(args, torch.tensor([[3.0, 3, 1, 1], [0, 0, 0, 0]]))
+    args = SimpleNamespace(log_interval=2, expert_model_parallel_size=2, curr_iteration=0,
+                           moe_router_topk=2)
+    monitor.expected_real_experts = 1.0  # rho = 0.5 at K = 2
+    # Layer 1: 4 tokens of 2 real experts; layer 2: 4 tokens, none real.
+    monitor._add_step_counters(args, _counters([[0, 0, 4], [4, 0, 0]],
+                                               [[3, 3, 1, 1], [0, 0, 0, 0]]))
     assert monitor.interval_load_figures(args) == {}  # not a log iteration
+    assert monitor.interval_layer_statistics(args) == {}
     args.curr_iteration = 1
-    monitor._add_step_assignments(args, torch.tensor([[1.0, 1, 3, 3], [2, 0, 0, 2]]))
+    # Layer 1: 4 tokens of 1 real expert and 2 of 2; layer 2: 2 tokens of 2 real experts.
+    monitor._add_step_counters(args, _counters([[0, 4, 2], [0, 0, 2]],
+                                               [[1, 1, 3, 3], [2, 0, 0, 2]]))
     figures = monitor.interval_load_figures(args)
     assert figures[1] == {"expert_load_max_over_mean": 1.0, "ep_rank_load_max_over_mean": 1.0,
                           "expert_load_max_over_mean_per_step": 1.5,
@@ -109,10 +125,15 @@ def test_per_step_figures_show_the_swing_that_the_interval_sum_hides():
                           "expert_load_max_over_mean_per_step": 2.0,
                           "ep_rank_load_max_over_mean_per_step": 1.0}
     assert worst_layer_load_values(figures)["null busiest expert / mean per step"] == 2.0
+    statistics = monitor.interval_layer_statistics(args)
+    assert statistics[1].real_fraction == (8 + 4 + 4) / (10 * 2)
+    assert statistics[2].real_fraction == 4 / (6 * 2)
     # The next interval starts afresh.
     args.curr_iteration = 3
-    monitor._add_step_assignments(args, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1]]))
+    monitor._add_step_counters(args, _counters([[0, 0, 2], [0, 0, 2]],
+                                               [[1, 1, 1, 1], [1, 1, 1, 1]]))
     assert monitor.interval_load_figures(args)[2]["expert_load_max_over_mean_per_step"] == 1.0
+    assert monitor.interval_layer_statistics(args)[2].real_fraction == 1.0
 
 
 def _train_on(layer, inputs):
