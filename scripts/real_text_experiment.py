@@ -44,11 +44,16 @@ CONFIGS = {
     "K8_0.5-sequence-balance": (8, 0.5, True, ["--moe-null-balance-scope", "sequence"]),
     # No z-loss over the pool.
     "K8_0.5-no-z-loss": (8, 0.5, True, ["--moe-z-loss-coeff", "0"]),
-    # The per-expert selection bias (softmax: in logits; sigmoid: in scores, at Megatron's
-    # rate), with null experts, and upstream's top-8 with sigmoid scores and the bias.
+    # Sigmoid scores without the bias; the per-expert selection bias (softmax: in logits;
+    # sigmoid: in scores), with null experts, and upstream's top-8 with sigmoid scores and the
+    # bias. The "-1e-3" runs keep Megatron's default rate, which swung the null runs' load
+    # from step to step with sigmoid scores; 1e-4 did not (docs/balancing.md).
+    "K8_0.5-sigmoid": (8, 0.5, True, [*SIGMOID]),
     "K8_0.5-expert-bias": (8, 0.5, True, [*EXPERT_BIAS, "1e-2"]),
-    "K8_0.5-sigmoid-expert-bias": (8, 0.5, True, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
-    "K8_1.0-sigmoid-expert-bias": (8, 1.0, False, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
+    "K8_0.5-sigmoid-expert-bias": (8, 0.5, True, [*SIGMOID, *EXPERT_BIAS, "1e-4"]),
+    "K8_1.0-sigmoid-expert-bias": (8, 1.0, False, [*SIGMOID, *EXPERT_BIAS, "1e-4"]),
+    "K8_0.5-sigmoid-expert-bias-1e-3": (8, 0.5, True, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
+    "K8_1.0-sigmoid-expert-bias-1e-3": (8, 1.0, False, [*SIGMOID, *EXPERT_BIAS, "1e-3"]),
 }
 ARCHITECTURE = [
     "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
@@ -279,10 +284,12 @@ def route(gpt, tokens) -> list:
 def rank_statistics(gpt, tokens_RST, topk: int, rho: float, calibration) -> dict:
     """The scale model's statistics (benchmarks/scale_model.py) of routing R ranks' tokens
     [R, sequences, length]: per EP size the ranks' computed and exchanged rows per token,
-    averaged over the MoE layers; the busiest expert over the mean; the real fraction. With
-    rho < 1 each layer's null bias is first set to hold rho on the ``calibration`` batches,
-    as the controller holds it on average in training (the final step's bias carries that
-    step's error)."""
+    averaged over the MoE layers; the busiest expert over the mean and the real fraction,
+    mean over the layers and per layer. With rho < 1 each layer's null bias is first set to
+    hold rho on the ``calibration`` batches, as the controller holds it on average in
+    training (the final step's bias carries that step's error). A per-expert bias is the
+    final step's as it is: what one step routes with, so these loads are one step's, which
+    the sum over a log interval can hide (docs/balancing.md)."""
     import torch
 
     import scale_model
@@ -302,6 +309,11 @@ def rank_statistics(gpt, tokens_RST, topk: int, rho: float, calibration) -> dict
                                                      * tokens_per_rank * topk),
         "expert_imbalance": sum(map(scale_model.expert_imbalance, counts_LRN))
         / len(counts_LRN),
+        "expert_imbalance_by_layer": [round(scale_model.expert_imbalance(counts_RN), 4)
+                                      for counts_RN in counts_LRN],
+        "real_fraction_by_layer": [round(float(counts_RN.sum()) / (ranks * tokens_per_rank
+                                                                   * topk), 4)
+                                   for counts_RN in counts_LRN],
         "by_ep": {str(ep): scale_model.mean_of(values) for ep, values in by_ep.items()},
     }
 
@@ -410,6 +422,9 @@ def run_summary(run: Path) -> dict:
         "real_fraction_by_layer": per_layer("real_fraction"),
         "zero_real_fraction_by_layer": per_layer("zero_real_fraction"),
         "expert_load_max_over_mean_by_layer": per_layer("expert_load_max_over_mean"),
+        # Each step's own figure, averaged over the log interval (runs that logged it).
+        "expert_load_max_over_mean_per_step_by_layer": per_layer(
+            "expert_load_max_over_mean_per_step"),
     }
 
 
@@ -440,28 +455,38 @@ def report(options) -> None:
 def configuration_table(runs: dict) -> str:
     """Per configuration (its seeds together): the validation loss of each seed and their
     mean, and the means over the seeds of the training loss, the real fraction per layer and
-    the busiest expert / mean per layer (training, last fifth)."""
+    the busiest expert / mean per layer: in training (last fifth) over each log interval and
+    per step (where every seed logged it), and over one step of the scale model's ranks'
+    tokens routed through the final checkpoint (where every seed was analysed)."""
     by_configuration = {}
     for name, summary in runs.items():
         by_configuration.setdefault(name.rsplit("_seed", 1)[0], []).append(summary)
     lines = ["| configuration | seeds | validation loss per seed (mean) | training loss, last "
-             "fifth (mean) | real fraction per layer | busiest expert / mean per layer |",
-             "|---" * 6 + "|"]
+             "fifth (mean) | real fraction per layer | busiest expert / mean per layer: "
+             "training, log interval | training, per step | final checkpoint, one step of "
+             f"{max(EP_SIZES)} ranks |", "|---" * 8 + "|"]
 
     def mean(values):
         return sum(values) / len(values)
 
+    def per_layer(values_by_seed, digits):
+        if not values_by_seed or not all(values_by_seed):
+            return "-"
+        return ", ".join(f"{mean(layer):.{digits}f}" for layer in zip(*values_by_seed))
+
     for name, summaries in sorted(by_configuration.items()):
         validation = [summary["validation_loss"] for summary in summaries]
-        per_layer = {key: [mean(layer) for layer in zip(*(summary[key] for summary in summaries))]
-                     for key in ("real_fraction_by_layer", "expert_load_max_over_mean_by_layer")}
+        one_step = [summary.get("held_out_routing", {}).get("ranks", {}).get(
+            "expert_imbalance_by_layer") for summary in summaries]
         lines.append(
             f"| {name} | {len(summaries)} | {', '.join(f'{v:.3f}' for v in validation)} "
             f"({mean(validation):.3f}) | "
             f"{mean([summary['train_loss_last_fifth'] for summary in summaries]):.3f} | "
-            + ", ".join(f"{v:.3f}" for v in per_layer["real_fraction_by_layer"]) + " | "
-            + ", ".join(f"{v:.2f}" for v in per_layer["expert_load_max_over_mean_by_layer"])
-            + " |")
+            + per_layer([s["real_fraction_by_layer"] for s in summaries], 3) + " | "
+            + per_layer([s["expert_load_max_over_mean_by_layer"] for s in summaries], 2)
+            + " | " + per_layer([s.get("expert_load_max_over_mean_per_step_by_layer")
+                                 for s in summaries], 2)
+            + " | " + per_layer(one_step, 2) + " |")
     return "\n".join(lines)
 
 
@@ -492,7 +517,8 @@ def analysis_table(options) -> str:
 
 # The scale model's configurations (its names) from the runs of these configurations, per
 # set of runs: from scratch, upcycled, with a 5x balance loss, and with the per-expert bias
-# (softmax and sigmoid; the upstream top-8 with its best balancing of the same kind).
+# (softmax, against upstream top-8 with the balance loss; sigmoid at 1e-4 and at Megatron's
+# default rate, each against upstream top-8 with sigmoid scores and the bias at that rate).
 SCALE_SETS = {
     "scratch": ("", {"upstream K8 rho=1": "K8_1.0", "upstream K4 rho=1": "K4_1.0",
                      "null K8 rho=0.5": "K8_0.5"}),
@@ -505,6 +531,9 @@ SCALE_SETS = {
     "sigmoid-expert-bias": ("", {"upstream K8 rho=1": "K8_1.0-sigmoid-expert-bias",
                                  "upstream K4 rho=1": "K4_1.0",
                                  "null K8 rho=0.5": "K8_0.5-sigmoid-expert-bias"}),
+    "sigmoid-expert-bias-1e-3": ("", {"upstream K8 rho=1": "K8_1.0-sigmoid-expert-bias-1e-3",
+                                      "upstream K4 rho=1": "K4_1.0",
+                                      "null K8 rho=0.5": "K8_0.5-sigmoid-expert-bias-1e-3"}),
 }
 
 
@@ -590,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     scaled.add_argument("--set", default="scratch", choices=sorted(SCALE_SETS),
                         help="Which runs: from scratch (the default), upcycled, K8 rho=0.5 "
                              "with the balance loss at 1e-1, or with the per-expert bias "
-                             "(softmax, or sigmoid against upstream top-8 with sigmoid scores "
-                             "and the bias).")
+                             "(softmax; or sigmoid, at 1e-4 or at Megatron's default rate, "
+                             "against upstream top-8 with sigmoid scores and the bias at the "
+                             "same rate).")
     scaled.add_argument("--rank-sequences", type=int, default=16,
                         help="Sequences of 256 tokens per rank that analyse routed.")
     commands.add_parser("report", help="Write report.md and report.json from the runs.")
