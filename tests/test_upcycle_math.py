@@ -180,6 +180,21 @@ def test_calibrated_offset_holds_rho_on_the_routers_own_selection():
                - 0.5) > 0.03
 
 
+def test_calibration_widens_its_bracket_when_a_per_expert_bias_outruns_the_logits():
+    # Sigmoid scores with per-expert biases of +-0.5: even a null logit 1 above every real
+    # logit leaves more than rho real (biased-up experts still win); the offset must go
+    # further.
+    generator = torch.Generator().manual_seed(0)
+    real_rows = torch.empty(16, 8).normal_(0.0, 0.02, generator=generator)
+    null_row = real_rows.mean(dim=0, keepdim=True)
+    inputs = torch.empty(2048, 8).normal_(generator=generator)
+    options = dict(score_function="sigmoid",
+                   expert_bias=torch.empty(16).uniform_(-0.5, 0.5, generator=generator))
+    offset = calibrate_null_offset(inputs, real_rows, null_row, 16, 4, 0.5, **options)
+    assert real_fraction(inputs, real_rows, null_row, 16, 4, offset, **options) == \
+        pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("num_experts,granularity,topk,copies", [
     (64, 4, 8, 64),  # the paper's setting: whole groups
     (4, 2, 2, 4),    # the tests' PAPER_LIKE: whole groups

@@ -49,6 +49,22 @@ def proxy_router_inputs(norm_weight_H: torch.Tensor, num_tokens: int,
     return noise * norm_weight_H.float()
 
 
+def _router_logits(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
+                   null_weight_1H: torch.Tensor):
+    """[T, N] real logits and [T] null logit, in fp32 as the router computes them."""
+    inputs = inputs_TH.float()
+    return inputs @ real_weight_NH.float().t(), (inputs @ null_weight_1H.float().t()).squeeze(-1)
+
+
+def _routed_real_fraction(real_logits_TN: torch.Tensor, null_logit_T: torch.Tensor,
+                          num_null_copies: int, topk: int, null_offset: float,
+                          **selection_options) -> float:
+    _, routing_map, _ = route_with_null_experts(
+        real_logits_TN, null_logit_T, num_null_copies, topk,
+        null_selection_bias=torch.tensor(null_offset), **selection_options)
+    return float(routing_map.sum(dim=-1).float().mean()) / topk
+
+
 def real_fraction(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
                   null_weight_1H: torch.Tensor, num_null_copies: int, topk: int,
                   null_offset: float = 0.0, **selection_options) -> float:
@@ -56,12 +72,8 @@ def real_fraction(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
     null logit raised by ``null_offset`` for the choice (fp32, as the router computes).
     selection_options: route_with_null_experts' score function, per-expert bias and group
     limit (a router's ``selection_options``); default softmax, neither."""
-    real_logits = inputs_TH.float() @ real_weight_NH.float().t()
-    null_logit = (inputs_TH.float() @ null_weight_1H.float().t()).squeeze(-1)
-    _, routing_map, _ = route_with_null_experts(
-        real_logits, null_logit, num_null_copies, topk,
-        null_selection_bias=torch.tensor(null_offset), **selection_options)
-    return float(routing_map.sum(dim=-1).float().mean()) / topk
+    return _routed_real_fraction(*_router_logits(inputs_TH, real_weight_NH, null_weight_1H),
+                                 num_null_copies, topk, null_offset, **selection_options)
 
 
 def calibrate_null_offset(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
@@ -70,13 +82,14 @@ def calibrate_null_offset(inputs_TH: torch.Tensor, real_weight_NH: torch.Tensor,
     """Offset b with real_fraction(..., b) closest to ``target`` (bisection; the fraction
     falls as b grows, in steps, so the result is within one step of the target). The
     bracket starts at the spread of real logits minus null logit and widens until it holds
-    the target (a per-expert bias moves the keys beyond that spread)."""
-    def fraction(offset):
-        return real_fraction(inputs_TH, real_weight_NH, null_weight_1H, num_null_copies, topk,
-                             offset, **selection_options)
+    the target (a per-expert bias moves the keys beyond that spread). The logits are
+    computed once; each trial offset only routes them."""
+    real_logits, null_logit = _router_logits(inputs_TH, real_weight_NH, null_weight_1H)
 
-    real_logits = inputs_TH.float() @ real_weight_NH.float().t()
-    null_logit = (inputs_TH.float() @ null_weight_1H.float().t()).squeeze(-1)
+    def fraction(offset):
+        return _routed_real_fraction(real_logits, null_logit, num_null_copies, topk, offset,
+                                     **selection_options)
+
     gaps = real_logits - null_logit.unsqueeze(-1)
     low, high = float(gaps.min()) - 1.0, float(gaps.max()) + 1.0  # fraction max, fraction min
     for _ in range(16):
